@@ -1,0 +1,100 @@
+"""One serialisable configuration for an ADAPT model.
+
+Everything needed to rebuild a model's architecture lives here and is written to ``config.json``
+next to the weights. Training hyper-parameters (learning rate, schedule, ...) do not: they belong to
+``training/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SimilarityKind = Literal["t2i", "i2t", "ensemble"]
+TextEncoderKind = Literal["gru", "transformer"]
+Normalization = Literal["batchnorm", "none"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model."""
+
+
+@dataclass
+class AdaptConfig:
+    """Architecture of an :class:`adapt.model.AdaptModel`.
+
+    Attributes:
+        region_dim: size of one input region feature (2048 for bottom-up-attention features,
+            1280 for the bundled EfficientNet-Lite0 extractor, + 5 with box geometry).
+        latent_size: size ``d`` of the joint space (1024 in the paper).
+        similarity: ``"t2i"`` (text adapts image regions; the paper's best), ``"i2t"`` (image adapts
+            words) or ``"ensemble"`` (average of both score matrices).
+        lambda_t2i: fovea sharpness for T2I (paper: 10 on Flickr30k, 5 on COCO).
+        lambda_i2t: fovea sharpness for I2T (reference Flickr30k config: 10).
+        normalization: ``"batchnorm"`` (BatchNorm1d without affine on the adapted modality, as in
+            the reference) or ``"none"``.
+        text_encoder: ``"gru"`` (word vectors + BiGRU, the paper's) or ``"transformer"``.
+        vocab: the GRU encoder's vocabulary (index 0 is padding, 1 unknown); built by training.
+        word_vectors: name of the frozen pretrained word-vector source for the GRU encoder
+            (see :data:`adapt.encoders.WORD_VECTOR_SOURCES`), e.g. ``"glove-6b-50d"`` or ``"random"``.
+        word_dim: size of the trainable word embedding (and of the frozen one for ``"random"``).
+        transformer_name: Hub id or local path of the transformer text encoder.
+        finetune_transformer: train the transformer (its weights are then saved with the model);
+            when False it stays frozen and is re-loaded from ``transformer_name``.
+        max_tokens: captions are cut to this many tokens (``None``: no limit).
+        reference_padding: reproduce the reference code's handling of padded captions: the GRU
+            runs over padding, and I2T truncates captions to 34 tokens and neither masks padding in
+            its BatchNorm, fovea softmax nor max-pooling. Off by default: masking is correct.
+        extractor: identity of the region extractor the training features came from (see
+            ``adapt.regions``); ``None`` for features of unknown origin (e.g. SCAN precomp files).
+        card: free-form metadata for the model card (data, metrics, licence).
+    """
+
+    region_dim: int = 2048
+    latent_size: int = 1024
+    similarity: SimilarityKind = "t2i"
+    lambda_t2i: float = 10.0
+    lambda_i2t: float = 10.0
+    normalization: Normalization = "batchnorm"
+    text_encoder: TextEncoderKind = "gru"
+    vocab: list[str] = field(default_factory=list)
+    word_vectors: str = "glove-6b-50d"
+    word_dim: int = 300
+    transformer_name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    finetune_transformer: bool = False
+    max_tokens: int | None = None
+    reference_padding: bool = False
+    extractor: dict[str, Any] | None = None
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "similarity": ("t2i", "i2t", "ensemble"),
+            "text_encoder": ("gru", "transformer"),
+            "normalization": ("batchnorm", "none"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        for name in ("region_dim", "latent_size", "word_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The similarity directions this model computes: ``("t2i",)``, ``("i2t",)`` or both."""
+        return ("t2i", "i2t") if self.similarity == "ensemble" else (self.similarity,)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdaptConfig":
+        """Build a config from ``to_dict()`` output, refusing unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)

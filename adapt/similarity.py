@@ -1,0 +1,272 @@
+"""ADAPT similarity between every image and every caption: T2I, I2T and their ensemble.
+
+Each direction scores all ``(image, caption)`` pairs at once, block by block: a block of ``c``
+captions x ``m`` images is one broadcast tensor of shape ``(c, m, n_locals, d)``, and the block
+size is chosen so that one block's tensors fit a memory budget. No Python loop runs per caption or
+per image, and peak memory does not grow with the gallery. When gradients are needed, each block
+is checkpointed (recomputed in the backward pass) so training memory stays bounded too.
+
+Attention maps, on request, are the fovea mask ``M`` averaged over the ``d`` channels. Each channel
+of ``M`` is a softmax over the locals, so the average is again a distribution over the locals
+(sums to 1): the share of the fovea that each region (T2I) or word (I2T) receives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from adapt.layers import Adapt, Fovea
+
+DEFAULT_MEMORY_BUDGET_MB = 256.0
+REFERENCE_MAX_TOKENS = 34  # the reference I2T cuts captions here (similarity.py, AdaptiveEmbeddingI2T)
+_TENSORS_PER_PAIR = 6  # live (n_locals, d) float tensors per pair in a block, backward included
+
+BlockFn = Callable[[slice, slice], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class Scores:
+    """Output of :class:`AdaptiveSimilarity`.
+
+    Attributes:
+        scores: ``(n_images, n_captions)`` cosine similarities.
+        region_attention: ``(n_images, n_captions, n_regions)`` T2I fovea weight of each region,
+            when asked for and the model has T2I.
+        token_attention: ``(n_images, n_captions, n_tokens)`` I2T fovea weight of each word,
+            when asked for and the model has I2T.
+    """
+
+    scores: torch.Tensor
+    region_attention: torch.Tensor | None = None
+    token_attention: torch.Tensor | None = None
+
+
+def _normalization(kind: str, latent_size: int) -> nn.Module:
+    # The reference normalises the adapted modality with BatchNorm1d(affine=False).
+    return nn.BatchNorm1d(latent_size, affine=False) if kind == "batchnorm" else nn.Identity()
+
+
+def _blockwise(
+    n_rows: int, n_cols: int, pair_bytes: int, memory_budget_mb: float, block: BlockFn
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``block(rows, cols) -> (scores (r, c), attention (r, c, n) or None)`` over all blocks.
+
+    Blocks hold at most ``memory_budget_mb`` of pair tensors; rows (the side that is broadcast
+    against the other) are kept whole when they fit. Blocks are checkpointed under autograd.
+    """
+    max_pairs = max(1, int(memory_budget_mb * 2**20) // max(1, pair_bytes))
+    row_step = min(n_rows, max_pairs)
+    col_step = max(1, min(n_cols, max_pairs // max(1, row_step)))
+    grad = torch.is_grad_enabled()
+    score_rows, attention_rows = [], []
+    for r0 in range(0, n_rows, row_step):
+        rows = slice(r0, min(n_rows, r0 + row_step))
+        parts = [
+            checkpoint(block, rows, slice(c0, min(n_cols, c0 + col_step)), use_reentrant=False)
+            if grad
+            else block(rows, slice(c0, min(n_cols, c0 + col_step)))
+            for c0 in range(0, n_cols, col_step)
+        ]
+        score_rows.append(torch.cat([p[0] for p in parts], dim=1))
+        if parts[0][1] is not None:
+            attention_rows.append(torch.cat([p[1] for p in parts], dim=1))
+    attention = torch.cat(attention_rows, dim=0) if attention_rows else None
+    return torch.cat(score_rows, dim=0), attention
+
+
+def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid locals: ``(n, t, d)``, ``(n, t)`` bool -> ``(n, d)``."""
+    weights = mask.to(features.dtype).unsqueeze(-1)
+    return (features * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class TextToImage(nn.Module):
+    """ADAPT-T2I: the caption's mean word vector adapts the image regions (paper, eq. 1-4).
+
+    For caption ``q`` (mean of its valid words) and image regions ``B`` (after BatchNorm):
+    ``score = cos(mean_i fovea(B_i * (gamma(q) + 1) + beta(q)), q)``.
+    """
+
+    def __init__(self, latent_size: int, smooth: float, normalization: str) -> None:
+        super().__init__()
+        self.norm = _normalization(normalization, latent_size)
+        self.adapt = Adapt(latent_size, latent_size)
+        self.fovea = Fovea(smooth)
+
+    def forward(
+        self,
+        regions: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score all pairs.
+
+        Args:
+            regions: ``(n_images, n_regions, d)`` encoded regions.
+            words: ``(n_captions, n_tokens, d)`` encoded words.
+            word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
+            memory_budget_mb: bound on the pair tensors alive at once.
+            return_attention: also return the fovea weight of each region.
+
+        Returns:
+            ``scores (n_images, n_captions)`` and ``attention (n_images, n_captions, n_regions)``
+            (``None`` unless asked for).
+        """
+        n_images, n_regions, d = regions.shape
+        # BatchNorm over all images and regions, once (the reference does it before its loop).
+        images = self.norm(regions.transpose(1, 2)).transpose(1, 2)
+        query = masked_mean(words, word_mask)
+        scale, shift = self.adapt.modulation(query)  # (n_captions, d) each
+        query_unit = F.normalize(query, dim=-1)
+
+        def block(caps: slice, ims: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+            values = images[ims].unsqueeze(0)  # (1, m, r, d)
+            adapted = values * scale[caps, None, None] + shift[caps, None, None]  # (c, m, r, d)
+            mask = self.fovea.mask(adapted)
+            pooled = (adapted * mask).mean(dim=2)  # (c, m, d)
+            score = torch.einsum("cmd,cd->cm", F.normalize(pooled, dim=-1), query_unit[caps])
+            return score, mask.mean(dim=-1) if return_attention else None
+
+        pair_bytes = _TENSORS_PER_PAIR * n_regions * d * regions.element_size()
+        scores, attention = _blockwise(
+            len(query), n_images, pair_bytes, memory_budget_mb, block
+        )
+        return scores.t(), None if attention is None else attention.transpose(0, 1)
+
+
+class ImageToText(nn.Module):
+    """ADAPT-I2T: the image's mean region vector adapts the caption's words.
+
+    For image ``q`` (mean of its regions) and words ``W`` (after BatchNorm):
+    ``score = cos(max_t fovea(W_t * (gamma(q) + 1) + beta(q)), q)``.
+
+    Args:
+        reference_padding: reproduce the reference: cut captions to 34 tokens and include padding
+            in BatchNorm, the fovea softmax and the max-pooling.
+    """
+
+    def __init__(
+        self, latent_size: int, smooth: float, normalization: str, reference_padding: bool = False
+    ) -> None:
+        super().__init__()
+        self.norm = _normalization(normalization, latent_size)
+        self.adapt = Adapt(latent_size, latent_size)
+        self.fovea = Fovea(smooth)
+        self.reference_padding = reference_padding
+
+    def _normalize_words(self, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        if self.reference_padding:
+            return self.norm(words.transpose(1, 2)).transpose(1, 2)
+        # Statistics over real tokens only; padding stays exactly zero.
+        normed = self.norm(words[word_mask])
+        return torch.zeros_like(words).index_put((word_mask,), normed)
+
+    def forward(
+        self,
+        regions: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score all pairs; arguments as :meth:`TextToImage.forward`.
+
+        Returns:
+            ``scores (n_images, n_captions)`` and ``attention (n_images, n_captions, n_tokens)``
+            (``None`` unless asked for).
+        """
+        if self.reference_padding:
+            words = words[:, :REFERENCE_MAX_TOKENS]
+            word_mask = word_mask[:, :REFERENCE_MAX_TOKENS]
+        n_captions, n_tokens, d = words.shape
+        captions = self._normalize_words(words, word_mask)
+        query = regions.mean(dim=1)
+        scale, shift = self.adapt.modulation(query)  # (n_images, d) each
+        query_unit = F.normalize(query, dim=-1)
+        local_mask = None if self.reference_padding else word_mask
+
+        def block(ims: slice, caps: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+            values = captions[caps].unsqueeze(0)  # (1, c, t, d)
+            adapted = values * scale[ims, None, None] + shift[ims, None, None]  # (m, c, t, d)
+            valid = None if local_mask is None else local_mask[caps].unsqueeze(0)
+            mask = self.fovea.mask(adapted, valid)
+            foveated = adapted * mask
+            if valid is not None:
+                foveated = foveated.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+            pooled = foveated.amax(dim=2)  # (m, c, d)
+            score = torch.einsum("mcd,md->mc", F.normalize(pooled, dim=-1), query_unit[ims])
+            return score, mask.mean(dim=-1) if return_attention else None
+
+        pair_bytes = _TENSORS_PER_PAIR * n_tokens * d * words.element_size()
+        return _blockwise(len(query), n_captions, pair_bytes, memory_budget_mb, block)
+
+
+class AdaptiveSimilarity(nn.Module):
+    """The similarity head of a model: T2I, I2T, or the ensemble (mean of both score matrices).
+
+    Args:
+        directions: ``("t2i",)``, ``("i2t",)`` or ``("t2i", "i2t")``.
+    """
+
+    def __init__(
+        self,
+        directions: tuple[str, ...],
+        latent_size: int,
+        lambda_t2i: float,
+        lambda_i2t: float,
+        normalization: str,
+        reference_padding: bool = False,
+    ) -> None:
+        super().__init__()
+        self.directions = tuple(directions)
+        heads: dict[str, nn.Module] = {}
+        if "t2i" in self.directions:
+            heads["t2i"] = TextToImage(latent_size, lambda_t2i, normalization)
+        if "i2t" in self.directions:
+            heads["i2t"] = ImageToText(latent_size, lambda_i2t, normalization, reference_padding)
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(
+        self,
+        regions: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        *,
+        directions: tuple[str, ...] | None = None,
+        return_attention: bool = False,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    ) -> Scores:
+        """Score every image against every caption.
+
+        Args:
+            regions: ``(n_images, n_regions, d)`` encoded regions.
+            words: ``(n_captions, n_tokens, d)`` encoded words.
+            word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
+            directions: a subset of the model's directions to use (default: all, i.e. the
+                model's own kind); several are averaged.
+            return_attention: also return the fovea weights (see the module docstring).
+            memory_budget_mb: bound on the pair tensors alive at once, per direction.
+        """
+        directions = self.directions if directions is None else tuple(directions)
+        missing = [d for d in directions if d not in self.heads]
+        if missing or not directions:
+            raise ValueError(f"directions {directions} not available; model has {self.directions}")
+        out = Scores(scores=regions.new_zeros(len(regions), len(words)))
+        for name in directions:
+            scores, attention = self.heads[name](
+                regions, words, word_mask, memory_budget_mb, return_attention
+            )
+            out.scores = out.scores + scores / len(directions)
+            if return_attention and name == "t2i":
+                out.region_attention = attention
+            elif return_attention:
+                out.token_attention = attention
+        return out
