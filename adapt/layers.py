@@ -18,6 +18,9 @@ section 3. With :math:`A` the local features of the modality that is adapted (``
 The ``+ 1`` on :math:`\gamma` follows the reference implementation (``retrieval/model/layers/
 adapt.py``): a zero-initialised-like projection starts as the identity. Since :math:`\beta` is the
 same for every local, it cancels inside the softmax: :math:`M` depends on :math:`\gamma` only.
+
+Layout: as in the reference, local features are channels-first, ``(..., d, n_locals)``, so the
+fovea's softmax runs over the last, contiguous axis.
 """
 
 from __future__ import annotations
@@ -47,14 +50,14 @@ class Adapt(nn.Module):
         """Adapt local features to a query.
 
         Args:
-            values: ``(..., n_locals, d)`` local features.
+            values: ``(..., d, n_locals)`` local features.
             query: ``(..., query_dim)`` global vectors, broadcast against ``values``' batch axes.
 
         Returns:
-            ``(..., n_locals, d)``: ``values * (gamma + 1) + beta``.
+            ``(..., d, n_locals)``: ``values * (gamma + 1) + beta``.
         """
         scale, shift = self.modulation(query)
-        return values * scale.unsqueeze(-2) + shift.unsqueeze(-2)
+        return values * scale.unsqueeze(-1) + shift.unsqueeze(-1)
 
 
 class Fovea(nn.Module):
@@ -69,20 +72,20 @@ class Fovea(nn.Module):
         self.smooth = float(smooth)
 
     def mask(self, adapted: torch.Tensor, local_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The fovea mask ``M``: softmax over the local axis (``-2``) of ``lambda * adapted``.
+        """The fovea mask ``M``: softmax over the locals (last axis) of ``lambda * adapted``.
 
         Args:
-            adapted: ``(..., n_locals, d)``.
+            adapted: ``(..., d, n_locals)``.
             local_mask: optional ``(..., n_locals)`` bool, False for padding; padded locals get
                 weight 0 (the reference does not mask; see ``AdaptConfig.reference_padding``).
         """
         logits = adapted * self.smooth
         if local_mask is not None:
-            logits = logits.masked_fill(~local_mask.unsqueeze(-1), float("-inf"))
-        return torch.softmax(logits, dim=-2)
+            logits = logits.masked_fill(~local_mask.unsqueeze(-2), float("-inf"))
+        return torch.softmax(logits, dim=-1)
 
     def forward(
         self, adapted: torch.Tensor, local_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``adapted * M``, shape ``(..., n_locals, d)``."""
+        """``adapted * M``, shape ``(..., d, n_locals)``."""
         return adapted * self.mask(adapted, local_mask)
