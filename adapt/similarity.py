@@ -5,7 +5,8 @@ captions x ``m`` images is one broadcast tensor of shape ``(c, m, d, n_locals)``
 as in :mod:`adapt.layers`). Blocks are sized to stay in the CPU cache and never above a memory
 budget, so peak memory does not grow with the gallery; no Python loop runs per caption or per
 image. When gradients are needed, each block is checkpointed (recomputed in the backward pass) so
-training memory stays bounded too.
+training memory stays bounded too. For inference on CPU, the fused kernels of :mod:`adapt.fused`
+compute the same scores in one pass per pair (attention maps always take the PyTorch path).
 
 Attention maps, on request, are the fovea mask ``M`` averaged over the ``d`` channels. Each channel
 of ``M`` is a softmax over the locals, so the average is again a distribution over the locals
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from adapt import fused
 from adapt.layers import Adapt, Fovea
 
 DEFAULT_MEMORY_BUDGET_MB = 256.0
@@ -127,10 +129,13 @@ class TextToImage(nn.Module):
         """
         n_images, n_regions, d = regions.shape
         # BatchNorm over all images and regions, once (the reference does it before its loop).
-        images = self.norm(regions.transpose(1, 2))  # (n_images, d, n_regions)
+        images = self.norm(regions.transpose(1, 2)).contiguous()  # (n_images, d, n_regions)
         query = masked_mean(words, word_mask)
         scale, shift = self.adapt.modulation(query)  # (n_captions, d) each
         query_unit = F.normalize(query, dim=-1)
+        if not return_attention and fused.usable(images, scale):
+            return fused.t2i_scores(images.transpose(1, 2), scale, shift, query_unit,
+                                    self.fovea.smooth), None
 
         def block(caps: slice, ims: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
             values = images[ims].unsqueeze(0)  # (1, m, d, r)
@@ -193,11 +198,16 @@ class ImageToText(nn.Module):
             words = words[:, :REFERENCE_MAX_TOKENS]
             word_mask = word_mask[:, :REFERENCE_MAX_TOKENS]
         n_captions, n_tokens, d = words.shape
-        captions = self._normalize_words(words, word_mask).transpose(1, 2)  # (n_captions, d, t)
+        captions = self._normalize_words(words, word_mask).transpose(1, 2).contiguous()  # (c, d, t)
         query = regions.mean(dim=1)
         scale, shift = self.adapt.modulation(query)  # (n_images, d) each
         query_unit = F.normalize(query, dim=-1)
         local_mask = None if self.reference_padding else word_mask
+        if not return_attention and fused.usable(captions, scale):
+            lengths = word_mask.sum(1) if local_mask is not None else torch.full(
+                (n_captions,), n_tokens)  # real tokens come first: tokenizers pad at the end
+            return fused.i2t_scores(captions.transpose(1, 2), lengths, scale, shift, query_unit,
+                                    self.fovea.smooth), None
 
         def block(ims: slice, caps: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
             values = captions[caps].unsqueeze(0)  # (1, c, d, t)

@@ -1,8 +1,13 @@
 """Speed and memory of full ADAPT scoring against a per-caption loop, measured in the same run.
 
-The baseline mirrors the reference implementation (retrieval/model/similarity/similarity.py): one
-Python iteration per caption (T2I) or per image (I2T), each adapting the whole other side. It is
-timed on a slice and scaled linearly to the full size (the output says so). Each measurement runs in
+Three implementations of the same scores:
+- loop: the baseline, mirroring the reference implementation (retrieval/model/similarity/
+  similarity.py): one Python iteration per caption (T2I) or per image (I2T), each adapting the whole
+  other side. Timed on a slice and scaled linearly to the full size (the output says so).
+- plain: adapt's batched PyTorch path (cache-sized blocks; ADAPT_FUSED=0).
+- fused: adapt's fused C++ kernels (adapt/fused.py), the default on CPU.
+It also measures the machine's exp throughput (vectorised expf on cache-resident data, all threads) and
+prints the floor it implies: every pair needs n_locals x d exponentials. Each measurement runs in
 its own subprocess so that its peak RSS is its own.
 
     python benchmarks/score_speed.py                      # 1000 images x 5000 captions, both directions
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -74,16 +80,60 @@ def loop_i2t(module: ImageToText, regions, words, mask) -> torch.Tensor:
     return scores
 
 
-def measure(method: str, direction: str, n_images: int, n_captions: int, budget: float) -> dict:
+EXP_FLOOR_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+// Sum of exp over a cache-resident buffer, repeated: the best case for the exponentials alone,
+// compiled with the same flags as adapt's fused kernels.
+double exp_sum(torch::Tensor x, int64_t repeats) {
+  const float* p = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  std::vector<double> partial(at::get_num_threads(), 0.0);
+  at::parallel_for(0, repeats, 1, [&](int64_t r0, int64_t r1) {
+    float acc = 0.f;
+    for (int64_t r = r0; r < r1; ++r) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < n; ++i) acc += std::exp(p[i] * 0.5f);
+    }
+    partial[at::get_thread_num()] += acc;
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return total;
+}
+"""
+
+
+def exp_rate(seconds: float = 2.0) -> float:
+    """Exponentials per second, vectorised and on all threads, on cache-resident float32 data."""
+    from torch.utils.cpp_extension import load_inline
+
+    module = load_inline("adapt_exp_floor", EXP_FLOOR_SOURCE, functions=["exp_sum"],
+                         extra_cflags=["-O3", "-march=native", "-ffast-math"])
+    x = torch.rand(2**14) - 0.5
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        module.exp_sum(x, 1000)
+        count += 1000 * x.numel()
+    return count / (time.perf_counter() - start)
+
+
+def measure(method: str, direction: str, n_images: int, n_captions: int, budget: float,
+            loop_slice: int) -> dict:
     """Run one method once and return seconds, peak RSS and a checksum row for comparison."""
-    torch.set_num_threads(torch.get_num_threads())
+    if method == "exp":
+        return {"rate": exp_rate()}
     regions, words, mask = inputs(n_images, n_captions)
+    if method == "loop":  # a slice of the same inputs, scaled up by the parent
+        regions, words, mask = (regions, words[:loop_slice], mask[:loop_slice]) if direction == "t2i" \
+            else (regions[:loop_slice], words, mask)
     module = head(direction)
     with torch.inference_mode():
         start = time.perf_counter()
         if method == "loop":
             scores = (loop_t2i if direction == "t2i" else loop_i2t)(module, regions, words, mask)
-        else:
+        else:  # plain or fused: ADAPT_FUSED is set by the parent
             scores = module(regions, words, mask, memory_budget_mb=budget)[0]
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -91,8 +141,9 @@ def measure(method: str, direction: str, n_images: int, n_captions: int, budget:
 
 
 def run_child(*args: str) -> dict:
+    env = {**os.environ, "ADAPT_FUSED": "0" if args[0] == "plain" else "1"}
     out = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -104,35 +155,45 @@ def main() -> None:
     parser.add_argument("--baseline-slice", type=int, default=25,
                         help="captions (T2I) or images (I2T) the loop is timed on, then scaled")
     parser.add_argument("--budget-mb", type=float, default=256.0)
-    parser.add_argument("--child", nargs=5, metavar=("METHOD", "DIR", "IMAGES", "CAPTIONS", "BUDGET"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        method, direction, n_images, n_captions, budget = args.child
-        print(json.dumps(measure(method, direction, int(n_images), int(n_captions), float(budget))))
+        method, direction, n_images, n_captions, budget, loop_slice = args.child
+        print(json.dumps(measure(method, direction, int(n_images), int(n_captions), float(budget),
+                                 int(loop_slice))))
         return
 
+    from adapt import fused
+
+    fused.kernels()  # build outside the timed children
+    rate = run_child("exp", "t2i", "0", "0", "0", "0")["rate"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, latent {LATENT}, "
           f"{REGIONS} regions, {TOKENS}-token captions, memory budget {args.budget_mb} MB")
+    print(f"exp throughput: {rate / 1e9:.2f} G exp/s (vectorised expf, cache-resident, all threads)")
     for direction in (["t2i", "i2t"] if args.direction == "both" else [args.direction]):
         pairs = args.images * args.captions
+        locals_ = REGIONS if direction == "t2i" else TOKENS
         if direction == "t2i":
             loop_shape, loop_fraction = (args.images, args.baseline_slice), args.baseline_slice / args.captions
         else:
             loop_shape, loop_fraction = (args.baseline_slice, args.captions), args.baseline_slice / args.images
-        loop = run_child("loop", direction, *map(str, loop_shape), str(args.budget_mb))
-        ours = run_child("batched", direction, str(args.images), str(args.captions), str(args.budget_mb))
+        sizes = (str(args.images), str(args.captions), str(args.budget_mb), str(args.baseline_slice))
+        loop = run_child("loop", direction, *sizes)
         loop_full = loop["seconds"] / loop_fraction
-        same = torch.allclose(torch.tensor(loop["first"])[:, :8] if direction == "t2i" else torch.tensor(loop["first"]),
-                              torch.tensor(ours["first"])[: len(loop["first"]), : len(loop["first"][0])], atol=1e-4)
-        print(f"\n[{direction}] {args.images} images x {args.captions} captions = {pairs:,} pairs")
-        print(f"  per-{'caption' if direction == 't2i' else 'image'} loop: {loop['seconds']:.2f} s on "
-              f"{loop_shape[0]} x {loop_shape[1]}, scaled linearly to the full size: {loop_full:.1f} s "
-              f"({pairs / loop_full:,.0f} pairs/s), peak RSS {loop['peak_rss_mb']:.0f} MB")
-        print(f"  adapt batched:  {ours['seconds']:.1f} s ({pairs / ours['seconds']:,.0f} pairs/s), "
-              f"peak RSS {ours['peak_rss_mb']:.0f} MB")
-        print(f"  speed-up: {loop_full / ours['seconds']:.2f}x   scores agree with the loop: {same}")
-
+        floor = pairs * locals_ * LATENT / rate
+        print(f"\n[{direction}] {args.images} images x {args.captions} captions = {pairs:,} pairs; "
+              f"exp floor {floor:.1f} s ({pairs * locals_ * LATENT:.2e} exponentials)")
+        print(f"  loop   {loop_full:8.1f} s  (timed {loop['seconds']:.2f} s on {loop_shape[0]} x "
+              f"{loop_shape[1]}, scaled linearly)  {pairs / loop_full:12,.0f} pairs/s  "
+              f"peak RSS {loop['peak_rss_mb']:6.0f} MB")
+        for method in ("plain", "fused"):
+            got = run_child(method, direction, *sizes)
+            expected = torch.tensor(loop["first"])
+            rows, cols = expected.shape
+            agree = torch.allclose(expected, torch.tensor(got["first"])[:rows, :cols], atol=1e-4)
+            print(f"  {method:6s} {got['seconds']:8.1f} s  {loop_full / got['seconds']:6.1f}x the loop, "
+                  f"{got['seconds'] / floor:5.1f}x the exp floor  {pairs / got['seconds']:12,.0f} pairs/s  "
+                  f"peak RSS {got['peak_rss_mb']:6.0f} MB  agrees with the loop: {agree}")
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,7 @@
 """ADAPT equations against direct, loop-based re-computations on random inputs."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,3 +201,31 @@ def test_unknown_direction_is_refused():
     regions, words, mask = random_inputs()
     with pytest.raises(ValueError, match="not available"):
         sim(regions, words, mask, directions=("i2t",))
+
+
+@pytest.fixture
+def plain_path(monkeypatch):
+    """Run with the fused kernels switched off (ADAPT_FUSED=0), then restore them."""
+    from adapt import fused
+
+    monkeypatch.setenv("ADAPT_FUSED", "0")
+    fused.kernels.cache_clear()
+    yield
+    monkeypatch.undo()
+    fused.kernels.cache_clear()
+
+
+@pytest.mark.parametrize("direction,reference", [("t2i", False), ("i2t", False), ("i2t", True)])
+def test_fused_kernels_match_the_plain_path(direction, reference, plain_path):
+    from adapt import fused
+
+    sim = randomize(AdaptiveSimilarity((direction,), D, 10.0, 5.0, "batchnorm", reference)).eval()
+    sim.heads[direction].norm.running_var.uniform_(0.5, 2.0)
+    regions, words, mask = random_inputs(n_images=7, lengths=(2, 7, 5, 1, 3))
+    with torch.no_grad():
+        plain = sim(regions, words, mask).scores
+    os.environ["ADAPT_FUSED"] = "1"
+    fused.kernels.cache_clear()
+    with torch.no_grad():
+        assert fused.usable(regions)
+        torch.testing.assert_close(sim(regions, words, mask).scores, plain, atol=1e-4, rtol=1e-4)

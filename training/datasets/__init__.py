@@ -1,0 +1,1 @@
+"""Image-caption datasets that can be built offline (``python -m training.datasets.<name> --help``)."""
