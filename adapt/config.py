@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SimilarityKind = Literal["t2i", "i2t", "ensemble"]
+SimilarityKind = Literal["t2i", "i2t", "ensemble", "mean"]
 TextEncoderKind = Literal["gru", "transformer"]
 Normalization = Literal["batchnorm", "none"]
 
@@ -29,7 +29,8 @@ class AdaptConfig:
             1280 for the bundled EfficientNet-Lite0 extractor, + 5 with box geometry).
         latent_size: size ``d`` of the joint space (1024 in the paper).
         similarity: ``"t2i"`` (text adapts image regions; the paper's best), ``"i2t"`` (image adapts
-            words) or ``"ensemble"`` (average of both score matrices).
+            words), ``"ensemble"`` (average of both score matrices) or ``"mean"`` (the baseline
+            without ADAPT: cosine of mean-pooled regions and mean-pooled words).
         lambda_t2i: fovea sharpness for T2I (paper: 10 on Flickr30k, 5 on COCO).
         lambda_i2t: fovea sharpness for I2T (reference Flickr30k config: 10).
         normalization: ``"batchnorm"`` (BatchNorm1d without affine on the adapted modality, as in
@@ -70,7 +71,7 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "similarity": ("t2i", "i2t", "ensemble"),
+            "similarity": ("t2i", "i2t", "ensemble", "mean"),
             "text_encoder": ("gru", "transformer"),
             "normalization": ("batchnorm", "none"),
         }
@@ -83,7 +84,7 @@ class AdaptConfig:
 
     @property
     def directions(self) -> tuple[str, ...]:
-        """The similarity directions this model computes: ``("t2i",)``, ``("i2t",)`` or both."""
+        """The similarity heads this model computes: ``("t2i",)``, ``("i2t",)``, both, or ``("mean",)``."""
         return ("t2i", "i2t") if self.similarity == "ensemble" else (self.similarity,)
 
     def to_dict(self) -> dict[str, Any]:

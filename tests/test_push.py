@@ -1,0 +1,109 @@
+"""Publishing: the dry-run folder is what a real push uploads, and it loads back with the same scores."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+import training.push as push
+from adapt import AdaptConfig, AdaptModel, build_vocab
+
+CAPTIONS = ["a dog on a sofa", "two cats", "a red car in the street", "a boat", "children play football"]
+EXTRACTOR = {"detector": "ssd-mobilenet-v2-coco", "backbone": "efficientnet-lite0", "regions": 5, "box_features": True}
+REPORT = {"checkpoints": ["ckpt"], "data": "data/f30k_precomp", "split": "test", "n_images": 1000,
+          "n_captions": 5000, "protocols": {"1000 images": {"metrics": {
+              **{f"{d}_{m}": 10.0 for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr")},
+              "rsum": 432.1}}}}
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    config = AdaptConfig(region_dim=12, latent_size=16, vocab=build_vocab(CAPTIONS), word_vectors="random",
+                         word_dim=8, extractor=EXTRACTOR,
+                         card={"data": {"name": "Flickr30k", "train_images": 29000},
+                               "validation": {"split": "dev", "images": 1000, "captions": 5000, "iteration": 500,
+                                              "metrics": {**REPORT["protocols"]["1000 images"]["metrics"],
+                                                          "rsum": 321.0}}})
+    model = AdaptModel(config)
+    with torch.no_grad():
+        model.similarity.heads["t2i"].norm.running_mean.uniform_(-0.2, 0.2)
+    model.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def scores(model: AdaptModel) -> torch.Tensor:
+    features = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))
+    return model.score(features, CAPTIONS).scores
+
+
+def test_dry_run_folder_loads_and_scores_the_same(tmp_path, checkpoint, capsys):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(REPORT))
+    out = tmp_path / "upload"
+    assert push.main([str(checkpoint), "--repo-id", "someone/adapt-f30k-t2i", "--dry-run", str(out), "--metrics",
+                      str(report), "--license", "apache-2.0", "--dataset", "nlphuji/flickr30k"]) == 0
+    assert "dry run" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    original, pushed = AdaptModel.from_pretrained(str(checkpoint)), AdaptModel.from_pretrained(str(out))
+    assert torch.equal(scores(original), scores(pushed))
+    assert pushed.config.extractor == EXTRACTOR
+    assert pushed.config.card["test"]["protocols"]["1000 images"]["rsum"] == 432.1
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "adapt" and card.data.license == "apache-2.0"
+    assert card.data.datasets == ["nlphuji/flickr30k"] and "image-text-retrieval" in card.data.tags
+    assert card.data.metrics == ["recall"]
+    text = card.text
+    assert '"detector": "ssd-mobilenet-v2-coco"' in text  # extractor identity
+    assert "| validation |" in text and "321.0" in text and "| 1000 images |" in text and "432.1" in text
+    assert 'AdaptModel.from_pretrained("someone/adapt-f30k-t2i")' in text
+    assert "## Intended use" in text and "## Licence" in text
+
+
+def test_real_push_uploads_exactly_the_dry_run_folder(tmp_path, checkpoint, monkeypatch):
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, **kwargs):
+            uploaded["created"] = (repo_id, kwargs["private"])
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            # The staging folder is temporary: read it while it exists.
+            uploaded["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
+
+    monkeypatch.setattr(push, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert push.main([str(checkpoint), "--repo-id", "someone/x", "--private"]) == 0
+    push.main([str(checkpoint), "--repo-id", "someone/x", "--dry-run", str(tmp_path / "dry")])
+    assert uploaded["token"] == "hf_test" and uploaded["created"] == ("someone/x", True)
+    assert uploaded["files"] == {p.name: p.read_bytes() for p in (tmp_path / "dry").iterdir()}
+
+
+def test_push_errors_are_clear(tmp_path, checkpoint, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(SystemExit):
+        push.main([str(checkpoint), "--repo-id", "someone/x"])
+    assert "set HF_TOKEN" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        push.main([str(tmp_path / "nope"), "--repo-id", "someone/x", "--dry-run", str(tmp_path / "out")])
+    assert "nope does not exist" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        push.main([str(checkpoint), "--repo-id", "someone/x", "--dry-run", str(tmp_path / "full")])
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_card_without_training_metadata():
+    config = AdaptConfig(region_dim=8, latent_size=8, vocab=build_vocab(CAPTIONS), word_vectors="random")
+    text = push.model_card(config)
+    assert text.startswith("---\nlibrary_name: adapt\n") and "No metrics recorded." in text
+    assert "features of unknown origin" in text
