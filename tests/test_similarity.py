@@ -77,8 +77,7 @@ def test_adapt_layer_is_film_with_gamma_plus_one():
     adapt = randomize(Adapt(D, D))
     values, query = torch.randn(2, N_REGIONS, D), torch.randn(2, D)
     expected = torch.stack([loop_adapt_fovea(values[b], query[b], adapt, 1.0)[0] for b in range(2)])
-    adapted = adapt(values.transpose(1, 2), query)  # layers are channels-first: (..., d, n)
-    torch.testing.assert_close(adapted, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adapt(values, query), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_fovea_is_per_channel_softmax_over_locals_times_input():
@@ -87,15 +86,15 @@ def test_fovea_is_per_channel_softmax_over_locals_times_input():
     for j in range(D):
         e = torch.exp(3.0 * x[:, j])
         m[:, j] = e / e.sum()
-    torch.testing.assert_close(Fovea(3.0)(x.t()), (x * m).t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(Fovea(3.0)(x), x * m, atol=1e-5, rtol=1e-5)
 
 
 def test_fovea_gives_padded_locals_zero_weight():
-    x = torch.randn(2, D, 4)
+    x = torch.randn(2, 4, D)
     valid = torch.tensor([[True, True, False, False], [True, True, True, True]])
     mask = Fovea(5.0).mask(x, valid)
-    assert torch.all(mask[0, :, 2:] == 0)
-    torch.testing.assert_close(mask.sum(-1), torch.ones(2, D))
+    assert torch.all(mask[0, 2:] == 0)
+    torch.testing.assert_close(mask.sum(1), torch.ones(2, D))
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
@@ -229,3 +228,13 @@ def test_fused_kernels_match_the_plain_path(direction, reference, plain_path):
     with torch.no_grad():
         assert fused.usable(regions)
         torch.testing.assert_close(sim(regions, words, mask).scores, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_mean_pooled_baseline_is_cosine_of_means():
+    sim = AdaptiveSimilarity(("mean",), D, 10.0, 10.0, "batchnorm")
+    regions, words, mask = random_inputs()
+    expected = torch.zeros(len(regions), len(words))
+    for i in range(len(regions)):
+        for c in range(len(words)):
+            expected[i, c] = F.cosine_similarity(regions[i].mean(0), words[c][mask[c]].mean(0), dim=0)
+    torch.testing.assert_close(sim(regions, words, mask).scores, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,229 @@
+"""From raw images and text to rankings: image -> regions -> features -> ADAPT scores.
+
+``Retriever`` pairs a model with the region extractor it was trained with (refusing any other),
+ranks captions for an image, searches a gallery of images with a caption, and keeps the fovea
+weights of each region so callers can show where the caption looked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from adapt.model import AdaptModel
+from adapt.regions import (
+    ImageSource,
+    RegionExtractor,
+    Regions,
+    build_extractor,
+    check_extractor,
+    load_image,
+)
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
+
+
+@dataclass
+class RankedCaptions:
+    """Captions of one image, best first.
+
+    Attributes:
+        captions: the captions, ranked.
+        scores: ``(n,)`` their scores, descending.
+        order: ``(n,)`` index of each ranked caption in the input list.
+        region_weights: ``(n, k)`` T2I fovea weight of each region for each ranked caption (rows
+            sum to 1), or ``None`` for a model without the T2I direction.
+        regions: the image's regions (boxes, labels, ...).
+    """
+
+    captions: list[str]
+    scores: np.ndarray
+    order: np.ndarray
+    region_weights: np.ndarray | None
+    regions: Regions
+
+
+@dataclass
+class SearchHit:
+    """One gallery image found by a caption: its key, score, regions and their fovea weights."""
+
+    key: str
+    score: float
+    regions: Regions
+    region_weights: np.ndarray | None
+
+
+@dataclass
+class Gallery:
+    """Images to search, with their regions; region features are encoded once, lazily."""
+
+    keys: list[str] = field(default_factory=list)
+    regions: list[Regions] = field(default_factory=list)
+    _encoded: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, key: str, regions: Regions) -> None:
+        """Add one image (a key already present is replaced)."""
+        if key in self.keys:
+            self.regions[self.keys.index(key)] = regions
+        else:
+            self.keys.append(key)
+            self.regions.append(regions)
+        self._encoded = None
+
+
+class RegionCache:
+    """Regions of images on disk, keyed by the decoded pixels and the extractor identity.
+
+    Re-adding the same picture (any file name or format that decodes to the same pixels) costs a
+    file read, not a detector and backbone pass.
+    """
+
+    def __init__(self, folder: str | Path, identity: dict) -> None:
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.folder = Path(folder) / digest
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(image: Image.Image) -> str:
+        """Content key of an RGB image."""
+        h = hashlib.sha256(f"{image.size}".encode())
+        h.update(image.tobytes())
+        return h.hexdigest()[:32]
+
+    def get(self, key: str) -> Regions | None:
+        path = self.folder / f"{key}.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return Regions(boxes=data["boxes"], features=data["features"],
+                               labels=[str(x) for x in data["labels"]], scores=data["scores"],
+                               is_fill=data["is_fill"], image_size=tuple(int(x) for x in data["image_size"]))
+        except (OSError, KeyError, ValueError):
+            path.unlink(missing_ok=True)  # a torn write from an earlier crash: recompute
+            return None
+
+    def put(self, key: str, regions: Regions) -> None:
+        tmp = self.folder / f"{key}.tmp.npz"
+        np.savez(tmp, boxes=regions.boxes, features=regions.features,
+                 labels=np.array(regions.labels, dtype=str), scores=regions.scores,
+                 is_fill=regions.is_fill, image_size=np.array(regions.image_size))
+        tmp.replace(self.folder / f"{key}.npz")  # atomic: readers never see half a file
+
+
+class Retriever:
+    """An ADAPT model with the region extractor it was trained with.
+
+    Args:
+        model: the model (``config.extractor`` names its extractor).
+        extractor: the extractor; default: rebuilt from ``model.config.extractor``.
+        allow_extractor_mismatch: use an extractor other than the model's at your own risk.
+        cache_dir: where region features of images are cached (default: no disk cache).
+    """
+
+    def __init__(
+        self,
+        model: AdaptModel,
+        extractor: RegionExtractor | None = None,
+        allow_extractor_mismatch: bool = False,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.model = model.eval()
+        if extractor is None:
+            if model.config.extractor is None:
+                raise ValueError(
+                    "the model does not name the region extractor of its training features; "
+                    "pass extractor=adapt.regions.build_extractor(...) and allow_extractor_mismatch=True"
+                )
+            extractor = build_extractor(model.config.extractor, allow_mismatch=allow_extractor_mismatch,
+                                        device=model.device)
+        check_extractor(model.config.extractor, extractor.identity, allow_mismatch=allow_extractor_mismatch)
+        self.extractor = extractor
+        self.cache = RegionCache(cache_dir, extractor.identity) if cache_dir is not None else None
+
+    @classmethod
+    def from_pretrained(
+        cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, device: torch.device | str | None = None,
+        **kwargs,
+    ) -> "Retriever":
+        """Load a checkpoint (local folder or Hub id; default: the bundled model) and its extractor."""
+        from adapt.model import pick_device
+
+        model = AdaptModel.from_pretrained(str(checkpoint), map_location=str(device or pick_device()))
+        return cls(model, **kwargs)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return self.model.config.directions
+
+    def regions(self, image: ImageSource | Image.Image) -> tuple[str, Regions]:
+        """Content key and regions of an image, from the cache when possible.
+
+        Raises:
+            adapt.regions.ImageError: the input is not a usable image.
+        """
+        loaded = load_image(image, self.extractor.max_pixels)
+        key = RegionCache.key(loaded)
+        cached = self.cache.get(key) if self.cache is not None else None
+        if cached is None:
+            cached = self.extractor.extract(loaded)
+            if self.cache is not None:
+                self.cache.put(key, cached)
+        return key, cached
+
+    def _features(self, regions: Sequence[Regions]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([r.features for r in regions]))
+
+    @torch.inference_mode()
+    def rank_captions(
+        self, image: ImageSource | Regions, captions: list[str], directions: tuple[str, ...] | None = None
+    ) -> RankedCaptions:
+        """Rank ``captions`` for one image, best first, with the fovea weights of its regions.
+
+        Args:
+            image: an image (path, PIL, array) or its precomputed :class:`Regions`.
+            captions: candidate captions (each with at least one word).
+            directions: ``("t2i",)``, ``("i2t",)`` or both (default: the model's kind).
+        """
+        regions = image if isinstance(image, Regions) else self.regions(image)[1]
+        out = self.model.score(self._features([regions]), list(captions), directions=directions,
+                               return_attention=True)
+        scores = out.scores[0].cpu().numpy()
+        order = np.argsort(-scores, kind="stable")
+        weights = None if out.region_attention is None else out.region_attention[0].cpu().numpy()[order]
+        return RankedCaptions([captions[i] for i in order], scores[order], order, weights, regions)
+
+    @torch.inference_mode()
+    def search(
+        self, gallery: Gallery, caption: str, top_k: int = 10,
+        directions: tuple[str, ...] | None = None,
+    ) -> list[SearchHit]:
+        """The ``top_k`` gallery images for a caption, best first, with their fovea weights."""
+        if len(gallery) == 0:
+            return []
+        if gallery._encoded is None:
+            gallery._encoded = self.model.encode_regions(self._features(gallery.regions))
+        words, mask = self.model.encode_text([caption])
+        out = self.model.similarity(gallery._encoded, words, mask, directions=directions)
+        scores = out.scores[:, 0]
+        best = torch.topk(scores, min(top_k, len(gallery))).indices
+        attention = None
+        if "t2i" in (directions or self.directions):
+            # Fovea weights for the few hits only: attention maps take the slower, exact path.
+            attention = self.model.similarity(gallery._encoded[best], words, mask, directions=("t2i",),
+                                              return_attention=True).region_attention[:, 0]
+        return [
+            SearchHit(gallery.keys[i], float(scores[i]), gallery.regions[i],
+                      None if attention is None else attention[rank].cpu().numpy())
+            for rank, i in enumerate(best.tolist())
+        ]

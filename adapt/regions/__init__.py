@@ -1,0 +1,52 @@
+"""Region detection and region features for raw images, with boxes.
+
+Example::
+
+    from adapt.regions import build_extractor, check_extractor
+
+    extractor = build_extractor()                 # SSD-MobileNet-v2 boxes + EfficientNet-Lite0 features
+    regions = extractor.extract("photo.jpg")      # Regions: boxes (36, 4), features (36, 1280), ...
+    check_extractor(model.config.extractor, extractor.identity)   # refuses features of another extractor
+"""
+
+from adapt.regions.base import (
+    DEFAULT_NUM_REGIONS,
+    FILL_LABEL,
+    ExtractorError,
+    ExtractorMismatchError,
+    RegionExtractor,
+    Regions,
+    box_geometry,
+    check_extractor,
+    fill_boxes,
+    identity_differences,
+)
+from adapt.regions.coco_names import COCO_NAMES, coco_name
+from adapt.regions.factory import BACKENDS, DEFAULT_EXTRACTOR, build_extractor
+from adapt.regions.faster_rcnn import FasterRcnnExtractor
+from adapt.regions.image import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image
+from adapt.regions.ssd import SsdEfficientNetExtractor
+
+__all__ = [
+    "BACKENDS",
+    "COCO_NAMES",
+    "DEFAULT_EXTRACTOR",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_NUM_REGIONS",
+    "FILL_LABEL",
+    "ExtractorError",
+    "ExtractorMismatchError",
+    "FasterRcnnExtractor",
+    "ImageError",
+    "ImageSource",
+    "RegionExtractor",
+    "Regions",
+    "SsdEfficientNetExtractor",
+    "box_geometry",
+    "build_extractor",
+    "check_extractor",
+    "coco_name",
+    "fill_boxes",
+    "identity_differences",
+    "load_image",
+]

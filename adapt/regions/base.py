@@ -1,0 +1,360 @@
+"""What every region extractor shares: the :class:`Regions` result, box selection with
+deterministic fills, RoI pooling, box geometry, and the extractor identity and its check.
+
+A backend only implements :meth:`RegionExtractor._detect` (detections + one backbone feature map per
+image) and :meth:`RegionExtractor._backend_identity`; everything that decides which boxes become
+regions and how they turn into vectors lives here, so all backends behave alike.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes, roi_align
+
+from adapt.model import pick_device
+from adapt.regions.coco_names import coco_name
+from adapt.regions.image import ImageSource, load_image
+
+DEFAULT_NUM_REGIONS = 36
+GEOMETRY_DIM = 5
+FILL_LABEL = ""
+# Images are first shrunk to this longest side: every backend works at a lower resolution anyway,
+# and it bounds memory and time for huge (up to max_pixels) inputs. Boxes are mapped back.
+WORKING_MAX_SIDE = 2048
+# RoI-align to 2x2 bins with torchvision's adaptive sampling (about one bilinear sample per feature-map
+# cell), then the mean: the box's average feature. Within 0.999 cosine of 7x7 bins with 2x2 samples
+# each, which costs 4x more (~40 ms per image for 36 boxes on a 1280-channel map, one core).
+ROI_OUTPUT_SIZE = 2
+ROI_SAMPLING_RATIO = 0
+# Bump when the meaning of the features changes, so older checkpoints refuse the new extractor.
+IDENTITY_FORMAT = 1
+# Identity fields that say where weights were found, not what they are: never compared.
+LOCATION_FIELDS = ("weights_source",)
+
+
+class ExtractorError(RuntimeError):
+    """An extractor that cannot be built: missing model files, unreadable or unfitting weights."""
+
+
+class ExtractorMismatchError(ValueError):
+    """A model's training features came from another region extractor than the one at hand."""
+
+
+@dataclass(frozen=True)
+class Regions:
+    """The ``k`` regions of one image; real detections first (by decreasing score), then fills.
+
+    Attributes:
+        boxes: (k, 4) float32 ``x1, y1, x2, y2`` in pixels of the loaded image (EXIF-rotated,
+            original resolution), inside ``[0, width] x [0, height]``.
+        features: (k, D) float32 region features (D = the extractor's ``feature_dim``).
+        labels: k detector class names; :data:`FILL_LABEL` for fills.
+        scores: (k,) float32 detector scores; 0 for fills.
+        is_fill: (k,) bool, True for boxes added because the detector found fewer than ``k``.
+        image_size: ``(width, height)`` of the loaded image.
+    """
+
+    boxes: np.ndarray
+    features: np.ndarray
+    labels: list[str]
+    scores: np.ndarray
+    is_fill: np.ndarray
+    image_size: tuple[int, int]
+
+
+@dataclass
+class Detections:
+    """A backend's raw output for one (working-size) image.
+
+    Attributes:
+        boxes: (n, 4) float boxes in working-image pixels.
+        scores: (n,) detector scores.
+        class_ids: (n,) int64 COCO category ids.
+        feature_map: (C, h, w) backbone feature map of the whole image.
+        feature_scale: feature-map cells per working-image pixel, ``(x, y)``.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    class_ids: torch.Tensor
+    feature_map: torch.Tensor
+    feature_scale: tuple[float, float]
+
+
+class RegionExtractor(ABC):
+    """Turns images into ``k`` boxes with one feature vector each (see :class:`Regions`).
+
+    Subclasses set :attr:`name` and :attr:`backbone_dim` and implement :meth:`_detect` and
+    :meth:`_backend_identity`.
+
+    Args:
+        num_regions: ``k``, the number of regions per image (36 in the paper).
+        with_geometry: append each box's normalised geometry ``(x1/W, y1/H, x2/W, y2/H, area
+            fraction)`` to its feature, so ``feature_dim = backbone_dim + 5``.
+        score_threshold: detections scoring below this are dropped before NMS.
+        nms_iou: IoU above which class-agnostic NMS drops the lower-scoring box.
+        max_pixels: refuse larger images (see :func:`adapt.regions.load_image`).
+        device: where the torch models run; CUDA when available by default.
+    """
+
+    name: ClassVar[str]
+    backbone_dim: ClassVar[int]
+
+    def __init__(
+        self,
+        *,
+        num_regions: int,
+        with_geometry: bool,
+        score_threshold: float,
+        nms_iou: float,
+        max_pixels: int,
+        device: torch.device | str | None,
+    ) -> None:
+        if num_regions < 1:
+            raise ValueError(f"num_regions must be at least 1, got {num_regions}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
+        if not 0.0 < nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must lie in (0, 1], got {nms_iou}")
+        self.num_regions = int(num_regions)
+        self.with_geometry = bool(with_geometry)
+        self.score_threshold = float(score_threshold)
+        self.nms_iou = float(nms_iou)
+        self.max_pixels = int(max_pixels)
+        self.device = torch.device(device) if device is not None else pick_device()
+
+    @property
+    def feature_dim(self) -> int:
+        """Size D of one region feature."""
+        return self.backbone_dim + (GEOMETRY_DIM if self.with_geometry else 0)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """A JSON-able description of everything that shapes the features (see :func:`check_extractor`)."""
+        return {
+            "name": self.name,
+            "format": IDENTITY_FORMAT,
+            "num_regions": self.num_regions,
+            "feature_dim": self.feature_dim,
+            "with_geometry": self.with_geometry,
+            "selection": {
+                "score_threshold": self.score_threshold,
+                "nms_iou": self.nms_iou,
+                "fill": "whole image, then 2x2, 3x3, ... grids",
+            },
+            "pooling": {"roi_align": ROI_OUTPUT_SIZE, "sampling_ratio": ROI_SAMPLING_RATIO, "reduce": "mean"},
+            "working_max_side": WORKING_MAX_SIDE,
+            **self._backend_identity(),
+        }
+
+    @classmethod
+    def kwargs_from_identity(cls, identity: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments rebuilding the extractor that ``identity`` describes.
+
+        Raises:
+            KeyError: ``identity`` lacks a field.
+        """
+        selection = identity["selection"]
+        return {"num_regions": identity["num_regions"], "with_geometry": identity["with_geometry"],
+                "score_threshold": selection["score_threshold"], "nms_iou": selection["nms_iou"]}
+
+    def extract(self, image: ImageSource) -> Regions:
+        """Regions of one image (a path, PIL image or numpy array; see :func:`load_image`).
+
+        Raises:
+            ImageError: the input is not a usable image.
+        """
+        return self.extract_batch([image])[0]
+
+    def extract_batch(self, images: Sequence[ImageSource], batch_size: int = 8) -> list[Regions]:
+        """Regions of many images, run through the models ``batch_size`` images at a time.
+
+        Raises:
+            ImageError: one of the inputs is not a usable image (load images with
+                :func:`load_image` first to skip bad ones instead).
+        """
+        results: list[Regions] = []
+        for start in range(0, len(images), batch_size):
+            loaded = [load_image(src, self.max_pixels) for src in images[start:start + batch_size]]
+            results.extend(self._extract_loaded(loaded))
+        return results
+
+    @torch.inference_mode()
+    def _extract_loaded(self, images: list[Image.Image]) -> list[Regions]:
+        working = [_shrink(image, WORKING_MAX_SIDE) for image in images]
+        detections = self._detect(working)
+        return [self._regions(image.size, work.size, det)
+                for image, work, det in zip(images, working, detections, strict=True)]
+
+    def _regions(self, image_size: tuple[int, int], working_size: tuple[int, int], det: Detections) -> Regions:
+        width, height = image_size
+        work_w, work_h = working_size
+        boxes = clip_boxes_to_image(det.boxes.float().cpu(), (work_h, work_w))
+        scores = det.scores.float().cpu()
+        candidates = torch.nonzero(scores >= self.score_threshold).flatten()
+        # A box under one pixel wide or high holds no image content to pool.
+        candidates = candidates[remove_small_boxes(boxes[candidates], 1.0)]
+        kept = candidates[nms(boxes[candidates], scores[candidates], self.nms_iou)[: self.num_regions]]
+        n_fill = self.num_regions - len(kept)
+
+        work_boxes = torch.cat([boxes[kept], fill_boxes(n_fill, work_w, work_h)])
+        features = pool_regions(det.feature_map, work_boxes, det.feature_scale)
+        to_image = torch.tensor([width / work_w, height / work_h] * 2)
+        image_boxes = clip_boxes_to_image(work_boxes * to_image, (height, width))
+        if self.with_geometry:
+            features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
+        class_ids = det.class_ids.cpu()[kept].tolist()
+        return Regions(
+            boxes=image_boxes.numpy().astype(np.float32),
+            features=features.numpy().astype(np.float32),
+            labels=[coco_name(int(c)) for c in class_ids] + [FILL_LABEL] * n_fill,
+            scores=torch.cat([scores[kept], torch.zeros(n_fill)]).numpy().astype(np.float32),
+            is_fill=np.arange(self.num_regions) >= len(kept),
+            image_size=(width, height),
+        )
+
+    @abstractmethod
+    def _detect(self, images: list[Image.Image]) -> list[Detections]:
+        """Detections and a whole-image feature map for each RGB image (working size)."""
+
+    @abstractmethod
+    def _backend_identity(self) -> dict[str, Any]:
+        """Identity fields of the backend: at least ``weights`` and ``preprocessing``."""
+
+
+def fill_boxes(count: int, width: float, height: float) -> torch.Tensor:
+    """``count`` deterministic boxes: the whole image, then a 2x2 grid, 3x3, ... (row-major).
+
+    Returns:
+        (count, 4) float32 ``x1, y1, x2, y2`` boxes within ``width x height``.
+    """
+    cells: list[tuple[float, float, float, float]] = []
+    grid = 1
+    while len(cells) < count:
+        cells += [
+            (col * width / grid, row * height / grid, (col + 1) * width / grid, (row + 1) * height / grid)
+            for row in range(grid)
+            for col in range(grid)
+        ]
+        grid += 1
+    return torch.tensor(cells[:count], dtype=torch.float32).reshape(count, 4)
+
+
+def pool_regions(feature_map: torch.Tensor, boxes: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+    """Average feature of each box: RoI-align (see :data:`ROI_OUTPUT_SIZE`), then the mean of its bins.
+
+    Args:
+        feature_map: (C, h, w) feature map of the whole image.
+        boxes: (k, 4) boxes in image pixels.
+        scale: feature-map cells per image pixel, ``(x, y)``.
+
+    Returns:
+        (k, C) float32 features on the CPU.
+    """
+    scale_x, scale_y = scale
+    rois = (boxes * torch.tensor([scale_x, scale_y, scale_x, scale_y])).to(feature_map)
+    pooled = roi_align(feature_map[None], [rois], output_size=ROI_OUTPUT_SIZE, spatial_scale=1.0,
+                       sampling_ratio=ROI_SAMPLING_RATIO, aligned=True)
+    return pooled.mean(dim=(2, 3)).float().cpu()
+
+
+def box_geometry(boxes: torch.Tensor, width: float, height: float) -> torch.Tensor:
+    """Normalised box geometry.
+
+    Args:
+        boxes: (k, 4) ``x1, y1, x2, y2`` boxes in pixels of a ``width x height`` image.
+
+    Returns:
+        (k, 5) float32 ``x1/W, y1/H, x2/W, y2/H, box area / image area``.
+    """
+    corners = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
+    area = (corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1])
+    return torch.cat([corners, area[:, None]], dim=1)
+
+
+def fit_size(width: int, height: int, short_side: int, max_side: int, multiple: int = 1) -> tuple[int, int]:
+    """The size ``(w, h)`` scaling ``width x height`` to a shorter side of ``short_side`` pixels
+    (less if the longer side would pass ``max_side``), rounded to a multiple of ``multiple``."""
+    scale = min(short_side / min(width, height), max_side / max(width, height))
+    return (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))
+
+
+def _shrink(image: Image.Image, max_side: int) -> Image.Image:
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    # reducing_gap: a fast integer pre-reduction, so huge images shrink in well under a second.
+    return image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+
+
+def identity_differences(expected: dict[str, Any], actual: dict[str, Any],
+                         names: tuple[str, str] = ("model", "extractor")) -> list[str]:
+    """A ``field: <names[0]> has X, <names[1]> has Y`` line for every differing identity field
+    (nested fields dotted; :data:`LOCATION_FIELDS` ignored)."""
+    # A JSON round trip first, so tuples and lists compare equal, as they will after saving.
+    flat_expected, flat_actual = (_flatten(json.loads(json.dumps(tree))) for tree in (expected, actual))
+    missing = "<absent>"
+    return [
+        f"{key}: {names[0]} has {flat_expected.get(key, missing)!r}, {names[1]} has {flat_actual.get(key, missing)!r}"
+        for key in sorted(set(flat_expected) | set(flat_actual))
+        if key.split(".")[0] not in LOCATION_FIELDS and flat_expected.get(key, missing) != flat_actual.get(key, missing)
+    ]
+
+
+def check_extractor(
+    model_config_extractor: dict[str, Any] | None, identity: dict[str, Any], allow_mismatch: bool = False
+) -> list[str]:
+    """Refuse to pair a model with features from another region extractor than it was trained on.
+
+    Args:
+        model_config_extractor: ``AdaptConfig.extractor`` of the model (``None``: unknown origin,
+            e.g. a model trained on SCAN precomp files).
+        identity: ``RegionExtractor.identity`` of the extractor about to produce features.
+        allow_mismatch: warn instead of raising.
+
+    Returns:
+        The differences found (empty when the extractor matches).
+
+    Raises:
+        ExtractorMismatchError: on any difference (or unknown origin) unless ``allow_mismatch``.
+    """
+    if model_config_extractor is None:
+        problems = ["the model does not record which region extractor produced its training features "
+                    "(unknown origin, e.g. SCAN/VSE precomp files)"]
+    else:
+        problems = identity_differences(model_config_extractor, identity)
+    if not problems:
+        return []
+    trained_with = (model_config_extractor or {}).get("name", "an unknown extractor")
+    message = (
+        f"region extractor mismatch: the model was trained on features from {trained_with}, "
+        f"this extractor is {identity.get('name')!r} with other settings:\n  - " + "\n  - ".join(problems) +
+        "\nFeatures from a different detector or backbone silently ruin recall: the model still returns "
+        "scores, but they are meaningless. Rebuild the extractor the model names with "
+        "adapt.regions.build_extractor(config.extractor), or pass allow_mismatch=True "
+        "(--allow-extractor-mismatch) to override at your own risk."
+    )
+    if not allow_mismatch:
+        raise ExtractorMismatchError(message)
+    warnings.warn(message, stacklevel=2)
+    return problems
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,167 @@
+"""The real app, launched and driven through gradio_client and a headless Chromium."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+import app
+from adapt import AdaptConfig, AdaptModel, build_vocab
+from adapt.pipeline import Retriever
+from adapt.regions import build_extractor
+
+CAT = str(app.ROOT / "examples" / "cat.jpg")
+ENSEMBLE = "Ensemble (mean of both)"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small untrained checkpoint on the default extractor (the app's wiring is under test)."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    extractor = build_extractor()
+    captions = app.EXAMPLE_CAPTIONS.splitlines()
+    config = AdaptConfig(region_dim=extractor.feature_dim, latent_size=32, similarity="ensemble",
+                         word_vectors="random", word_dim=16, vocab=build_vocab(captions),
+                         extractor=extractor.identity)
+    AdaptModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, tmp_path_factory):
+    retriever = Retriever.from_pretrained(checkpoint, cache_dir=tmp_path_factory.mktemp("cache"))
+    demo = app.build_demo(retriever, str(checkpoint))
+    demo.queue(default_concurrency_limit=2)
+    _, url, _ = demo.launch(prevent_thread_lock=True, show_error=True, max_file_size=app.MAX_FILE_SIZE,
+                            server_port=None)
+    yield url, retriever
+    demo.close()
+
+
+@pytest.fixture
+def client(served):
+    return Client(served[0], verbose=False)
+
+
+def rank(client, image, captions, scoring=ENSEMBLE, boxes=False):
+    return client.predict(image, captions, scoring, boxes, api_name="/rank_captions")
+
+
+def test_rank_captions_orders_by_score_and_highlights_the_image(client, served):
+    captions = "A cat lying on a purple blanket.\nA rocket lifting off from a launch pad.\nzebra stripes"
+    table, highlight, note, boxes = rank(client, handle_file(CAT), captions, boxes=True)
+    scores = [row[2] for row in table["data"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+    expected = served[1].rank_captions(CAT, captions.splitlines())
+    assert [row[1] for row in table["data"]] == expected.captions
+    assert Image.open(highlight).size[0] > 0 and note.startswith("Attention of")
+    assert "cat" in [row[1] for row in boxes["data"]]  # the detector's label list is shown on request
+
+
+@pytest.mark.parametrize("scoring", list(app.SCORING))
+def test_every_scoring_direction_runs(client, scoring):
+    table = rank(client, handle_file(CAT), "a cat\na dog", scoring)[0]
+    assert len(table["data"]) == 2
+
+
+def test_empty_lines_are_ignored_and_many_odd_captions_work(client):
+    captions = "\n\n a cat \n\nУ кошки зелёные глаза 🐱\n" + "\n".join(f"caption number {i}" for i in range(498))
+    table = rank(client, handle_file(CAT), captions)[0]
+    assert len(table["data"]) == 500
+    assert "a cat" in {row[1] for row in table["data"]}
+
+
+@pytest.mark.parametrize("image,captions,message", [
+    (None, "a cat", "Upload an image first"),
+    ("cat", "", "at least one caption"),
+    ("cat", " \n\n  ", "at least one caption"),
+    ("cat", "a" * 5000, "longer than 1000 characters"),
+    ("cat", "\n".join(["a cat"] * 1001), "at most 1000"),
+])
+def test_bad_inputs_get_clear_messages(client, image, captions, message):
+    with pytest.raises(Exception, match=message):
+        rank(client, handle_file(CAT) if image else None, captions)
+
+
+def test_truncated_and_oversized_images_are_refused_with_a_message(client, tmp_path):
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(CAT).read_bytes()[:2000])
+    with pytest.raises(Exception, match="(?i)truncated|corrupt"):
+        rank(client, handle_file(str(truncated)), "a cat")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (13000, 13000)).save(huge)  # 169 Mpx, a few hundred KB as PNG
+    with pytest.raises(Exception, match="(?i)pixels"):
+        rank(client, handle_file(str(huge)), "a cat")
+
+
+def test_a_non_image_file_is_refused(client, tmp_path):
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("this is not a picture")
+    with pytest.raises(Exception):
+        rank(client, handle_file(str(fake)), "a cat")
+
+
+def test_gallery_search_add_and_clear(client, tmp_path):
+    hits = client.predict("a cat lying on a blanket", 3, api_name="/search_gallery")
+    assert len(hits) == 3 and all(Image.open(h["image"]).size[0] > 0 for h in hits)
+    scores = [float(h["caption"]) for h in hits]
+    assert scores == sorted(scores, reverse=True)
+
+    status, _ = client.predict(api_name="/clear_gallery")[:2]
+    assert "empty" in status
+    with pytest.raises(Exception, match="gallery is empty"):
+        client.predict("a cat", 3, api_name="/search_gallery")
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    status = client.predict([handle_file(CAT), handle_file(str(bad))], api_name="/add_images")[0]
+    assert "1 image" in status
+    assert len(client.predict("a cat", 10, api_name="/search_gallery")) == 1
+
+
+def test_search_with_an_empty_query_is_refused(client):
+    with pytest.raises(Exception, match="Type a caption"):
+        client.predict("   ", 3, api_name="/search_gallery")
+
+
+def test_region_cache_makes_a_second_query_skip_extraction(served, monkeypatch):
+    retriever = served[1]
+    retriever.regions(CAT)
+    monkeypatch.setattr(retriever.extractor, "extract", lambda *a, **k: pytest.fail("extracted again"))
+    key, regions = retriever.regions(np.asarray(Image.open(CAT)))  # same pixels, another source
+    assert regions.features.shape == (36, retriever.extractor.feature_dim)
+
+
+def test_browser_upload_rank_and_highlight(served, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    url = served[0]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(url)
+        page.locator("input[type=file]").first.set_input_files(CAT)
+        page.get_by_role("button", name="Rank captions").click()
+        page.get_by_text("Attention of:").wait_for(timeout=60_000)
+        page.get_by_text("A cat lying on a purple blanket.").first.wait_for()
+        highlighted = page.locator("img[alt]").filter(has=page.locator("xpath=.")).count()
+        page.screenshot(path=str(tmp_path / "rank.png"), full_page=True)
+        browser.close()
+    assert highlighted >= 1
+    assert (tmp_path / "rank.png").stat().st_size > 10_000
+
+
+def test_spaces_header_matches_requirements_and_the_app():
+    import yaml
+
+    readme = (app.ROOT / "README.md").read_text(encoding="utf-8")
+    header = yaml.safe_load(readme.split("---")[1])
+    pins = dict(line.split("==") for line in (app.ROOT / "requirements.txt").read_text().split() if "==" in line)
+    assert header["sdk"] == "gradio" and header["sdk_version"] == pins["gradio"]
+    assert (app.ROOT / header["app_file"]).is_file()
+    assert header["license"] == "apache-2.0"
