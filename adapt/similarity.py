@@ -1,12 +1,13 @@
 """ADAPT similarity between every image and every caption: T2I, I2T and their ensemble.
 
 Each direction scores all ``(image, caption)`` pairs at once, block by block: a block of ``c``
-captions x ``m`` images is one broadcast tensor of shape ``(c, m, d, n_locals)`` (channels-first,
-as in :mod:`adapt.layers`). Blocks are sized to stay in the CPU cache and never above a memory
+captions x ``m`` images is one broadcast tensor of shape ``(c, m, n_locals, d)`` (the layout of
+:mod:`adapt.layers`). Blocks are sized to stay in the CPU cache and never above a memory
 budget, so peak memory does not grow with the gallery; no Python loop runs per caption or per
 image. When gradients are needed, each block is checkpointed (recomputed in the backward pass) so
-training memory stays bounded too. For inference on CPU, the fused kernels of :mod:`adapt.fused`
-compute the same scores in one pass per pair (attention maps always take the PyTorch path).
+training memory stays bounded too. On CPU the fused kernels of :mod:`adapt.fused` compute the same
+scores in one pass per pair: T2I for inference and training (with a fused backward), I2T for
+inference. Attention maps, CUDA, and machines without a compiler take the PyTorch path.
 
 Attention maps, on request, are the fovea mask ``M`` averaged over the ``d`` channels. Each channel
 of ``M`` is a softmax over the locals, so the average is again a distribution over the locals
@@ -28,7 +29,7 @@ from adapt.layers import Adapt, Fovea
 
 DEFAULT_MEMORY_BUDGET_MB = 256.0
 REFERENCE_MAX_TOKENS = 34  # the reference I2T cuts captions here (similarity.py, AdaptiveEmbeddingI2T)
-_TENSORS_PER_PAIR = 6  # live (d, n_locals) float tensors per pair in a block, backward included
+_TENSORS_PER_PAIR = 6  # live (n_locals, d) float tensors per pair in a block, backward included
 _CACHE_BLOCK_BYTES = 4 * 2**20  # one block tensor this big stays in L2/L3: measured ~8x faster
 # on 2 cores than blocks of hundreds of MB (benchmarks/score_speed.py)
 
@@ -62,15 +63,17 @@ def _blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``block(rows, cols) -> (scores (r, c), attention (r, c, n) or None)`` over all blocks.
 
-    ``pair_bytes`` is the size of one pair's ``(d, n_locals)`` tensor. A block holds at most
-    ``memory_budget_mb`` of pair tensors, and about ``_CACHE_BLOCK_BYTES`` per tensor.
-    Blocks are checkpointed under autograd.
+    ``pair_bytes`` is the size of one pair's ``(n_locals, d)`` tensor. A block holds at most
+    ``memory_budget_mb`` of pair tensors and, for inference, about ``_CACHE_BLOCK_BYTES`` per
+    tensor. Blocks are checkpointed under autograd.
     """
     budget_pairs = int(memory_budget_mb * 2**20) // (_TENSORS_PER_PAIR * pair_bytes)
-    max_pairs = max(1, min(budget_pairs, _CACHE_BLOCK_BYTES // pair_bytes))
+    grad = torch.is_grad_enabled()
+    # Under autograd every block is checkpointed and recomputed: few large blocks beat many
+    # cache-sized ones there (measured ~2.5x on a training step at batch 64).
+    max_pairs = max(1, budget_pairs if grad else min(budget_pairs, _CACHE_BLOCK_BYTES // pair_bytes))
     col_step = min(n_cols, max_pairs)
     row_step = max(1, min(n_rows, max_pairs // col_step))
-    grad = torch.is_grad_enabled()
     score_rows, attention_rows = [], []
     for r0 in range(0, n_rows, row_step):
         rows = slice(r0, min(n_rows, r0 + row_step))
@@ -129,22 +132,21 @@ class TextToImage(nn.Module):
         """
         n_images, n_regions, d = regions.shape
         # BatchNorm over all images and regions, once (the reference does it before its loop).
-        images = self.norm(regions.transpose(1, 2)).contiguous()  # (n_images, d, n_regions)
+        images = self.norm(regions.transpose(1, 2)).transpose(1, 2).contiguous()  # (n_images, r, d)
         query = masked_mean(words, word_mask)
         scale, shift = self.adapt.modulation(query)  # (n_captions, d) each
         query_unit = F.normalize(query, dim=-1)
-        if not return_attention and fused.usable(images, scale):
-            return fused.t2i_scores(images.transpose(1, 2), scale, shift, query_unit,
-                                    self.fovea.smooth), None
+        if not return_attention and fused.usable(images, scale, differentiable=True):
+            return fused.t2i_scores(images, scale, shift, query_unit, self.fovea.smooth), None
 
         def block(caps: slice, ims: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-            values = images[ims].unsqueeze(0)  # (1, m, d, r)
+            values = images[ims].unsqueeze(0)  # (1, m, r, d)
             # beta(q) is the same for every region, so it cancels in the fovea's softmax; and as
             # the mask sums to 1 over regions, mean_i(A_i M_i) = (scale * sum_i B_i M_i + beta) / n.
-            mask = self.fovea.mask(values * scale[caps, None, :, None])  # (c, m, d, r)
-            pooled = (scale[caps, None] * (values * mask).sum(-1) + shift[caps, None]) / n_regions
+            mask = self.fovea.mask(values * scale[caps, None, None])  # (c, m, r, d)
+            pooled = (scale[caps, None] * (values * mask).sum(-2) + shift[caps, None]) / n_regions
             score = torch.einsum("cmd,cd->cm", F.normalize(pooled, dim=-1), query_unit[caps])
-            return score, mask.mean(dim=-2) if return_attention else None
+            return score, mask.mean(dim=-1) if return_attention else None
 
         pair_bytes = n_regions * d * regions.element_size()
         scores, attention = _blockwise(
@@ -198,7 +200,7 @@ class ImageToText(nn.Module):
             words = words[:, :REFERENCE_MAX_TOKENS]
             word_mask = word_mask[:, :REFERENCE_MAX_TOKENS]
         n_captions, n_tokens, d = words.shape
-        captions = self._normalize_words(words, word_mask).transpose(1, 2).contiguous()  # (c, d, t)
+        captions = self._normalize_words(words, word_mask).contiguous()  # (n_captions, t, d)
         query = regions.mean(dim=1)
         scale, shift = self.adapt.modulation(query)  # (n_images, d) each
         query_unit = F.normalize(query, dim=-1)
@@ -206,30 +208,51 @@ class ImageToText(nn.Module):
         if not return_attention and fused.usable(captions, scale):
             lengths = word_mask.sum(1) if local_mask is not None else torch.full(
                 (n_captions,), n_tokens)  # real tokens come first: tokenizers pad at the end
-            return fused.i2t_scores(captions.transpose(1, 2), lengths, scale, shift, query_unit,
+            return fused.i2t_scores(captions, lengths, scale, shift, query_unit,
                                     self.fovea.smooth), None
 
         def block(ims: slice, caps: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-            values = captions[caps].unsqueeze(0)  # (1, c, d, t)
-            adapted = values * scale[ims, None, :, None] + shift[ims, None, :, None]  # (m, c, d, t)
+            values = captions[caps].unsqueeze(0)  # (1, c, t, d)
+            adapted = values * scale[ims, None, None] + shift[ims, None, None]  # (m, c, t, d)
             valid = None if local_mask is None else local_mask[caps].unsqueeze(0)  # (1, c, t)
             mask = self.fovea.mask(adapted, valid)
             foveated = adapted * mask
             if valid is not None:
-                foveated = foveated.masked_fill(~valid.unsqueeze(-2), float("-inf"))
-            pooled = foveated.amax(dim=-1)  # (m, c, d)
+                foveated = foveated.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+            pooled = foveated.amax(dim=-2)  # (m, c, d)
             score = torch.einsum("mcd,md->mc", F.normalize(pooled, dim=-1), query_unit[ims])
-            return score, mask.mean(dim=-2) if return_attention else None
+            return score, mask.mean(dim=-1) if return_attention else None
 
         pair_bytes = n_tokens * d * words.element_size()
         return _blockwise(len(query), n_captions, pair_bytes, memory_budget_mb, block)
+
+
+class MeanPooled(nn.Module):
+    """The baseline without ADAPT (VSE-style): ``cos(mean of regions, mean of valid words)``.
+
+    Used as the paper-style ablation, and as a query-independent first stage for large galleries.
+    """
+
+    def forward(
+        self,
+        regions: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """``scores (n_images, n_captions)``; there is no attention to return."""
+        images = F.normalize(regions.mean(dim=1), dim=-1)
+        captions = F.normalize(masked_mean(words, word_mask), dim=-1)
+        return images @ captions.t(), None
 
 
 class AdaptiveSimilarity(nn.Module):
     """The similarity head of a model: T2I, I2T, or the ensemble (mean of both score matrices).
 
     Args:
-        directions: ``("t2i",)``, ``("i2t",)`` or ``("t2i", "i2t")``.
+        directions: ``("t2i",)``, ``("i2t",)``, ``("t2i", "i2t")``, or ``("mean",)`` for the
+            baseline without ADAPT.
     """
 
     def __init__(
@@ -248,6 +271,8 @@ class AdaptiveSimilarity(nn.Module):
             heads["t2i"] = TextToImage(latent_size, lambda_t2i, normalization)
         if "i2t" in self.directions:
             heads["i2t"] = ImageToText(latent_size, lambda_i2t, normalization, reference_padding)
+        if "mean" in self.directions:
+            heads["mean"] = MeanPooled()
         self.heads = nn.ModuleDict(heads)
 
     def forward(
