@@ -96,7 +96,7 @@ class Demo:
         table = [[i + 1, c, round(float(s), 4)] for i, (c, s) in enumerate(zip(ranked.captions, ranked.scores))]
         state = {"image": image_path, "ranked": ranked, "show_boxes": show_boxes}
         drawing, note = self._highlight(image, ranked, 0, show_boxes)
-        return table, drawing, note, self._boxes_table(ranked, show_boxes), state
+        return table, drawing, note, self._boxes_table(ranked), state
 
     def _highlight(self, image, ranked: RankedCaptions, row: int, show_boxes: bool):
         weights = None if ranked.region_weights is None else ranked.region_weights[row]
@@ -104,11 +104,10 @@ class Demo:
         return drawing, f"Attention of: “{ranked.captions[row]}”"
 
     @staticmethod
-    def _boxes_table(ranked: RankedCaptions, show: bool) -> gr.Dataframe:
+    def _boxes_table(ranked: RankedCaptions) -> list[list]:
         r = ranked.regions
-        rows = [[i + 1, label or "(fill)", round(float(score), 3), str([round(float(v)) for v in box])]
+        return [[i + 1, label or "(fill)", round(float(score), 3), str([round(float(v)) for v in box])]
                 for i, (label, score, box) in enumerate(zip(r.labels, r.scores, r.boxes))]
-        return gr.Dataframe(rows if show else None, visible=show)
 
     def select_caption(self, state: dict | None, evt: gr.SelectData):
         """Switch the highlight to the clicked ranked caption."""
@@ -197,7 +196,7 @@ def build_demo(retriever: Retriever, checkpoint: str) -> gr.Blocks:
                     gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image], label="Example photos")
                     captions = gr.Textbox(EXAMPLE_CAPTIONS, lines=8, max_lines=30, label="Captions, one per line")
                     scoring = gr.Radio(demo_logic.choices, value=demo_logic.choices[-1], label="Scoring")
-                    show_boxes = gr.Checkbox(False, label="Show all detected regions with their labels")
+                    show_boxes = gr.Checkbox(False, label="Outline every detected region on the image")
                     rank_button = gr.Button("Rank captions", variant="primary")
                 with gr.Column():
                     highlight = gr.Image(label="Attention of the selected caption", type="pil",
@@ -206,8 +205,9 @@ def build_demo(retriever: Retriever, checkpoint: str) -> gr.Blocks:
                     ranked = gr.Dataframe(headers=["rank", "caption", "score"], datatype=["number", "str", "number"],
                                           label="Ranked captions (click one to see its attention)",
                                           interactive=False, wrap=True, column_widths=["10%", "72%", "18%"])
-                    boxes = gr.Dataframe(headers=["region", "label", "detector score", "box (x1, y1, x2, y2)"],
-                                         label="Detected regions", interactive=False, visible=False)
+                    with gr.Accordion("Detected regions and their labels", open=False):
+                        boxes = gr.Dataframe(headers=["region", "label", "detector score", "box (x1, y1, x2, y2)"],
+                                             interactive=False)
             rank_state = gr.State()
             rank_button.click(demo_logic.rank, [image, captions, scoring, show_boxes],
                               [ranked, highlight, highlight_note, boxes, rank_state], api_name="rank_captions")

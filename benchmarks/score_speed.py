@@ -120,14 +120,17 @@ def exp_rate(seconds: float = 2.0) -> float:
 
 
 def measure(method: str, direction: str, n_images: int, n_captions: int, budget: float,
-            loop_slice: int) -> dict:
-    """Run one method once and return seconds, peak RSS and a checksum row for comparison."""
+            part: int) -> dict:
+    """Run one method once and return seconds, peak RSS and a checksum row for comparison.
+
+    ``part`` > 0 times the method on that many captions (T2I) or images (I2T) of the same inputs.
+    """
     if method == "exp":
         return {"rate": exp_rate()}
     regions, words, mask = inputs(n_images, n_captions)
-    if method == "loop":  # a slice of the same inputs, scaled up by the parent
-        regions, words, mask = (regions, words[:loop_slice], mask[:loop_slice]) if direction == "t2i" \
-            else (regions[:loop_slice], words, mask)
+    if part:
+        regions, words, mask = (regions, words[:part], mask[:part]) if direction == "t2i" \
+            else (regions[:part], words, mask)
     module = head(direction)
     with torch.inference_mode():
         start = time.perf_counter()
@@ -154,13 +157,15 @@ def main() -> None:
     parser.add_argument("--direction", choices=["t2i", "i2t", "both"], default="both")
     parser.add_argument("--baseline-slice", type=int, default=25,
                         help="captions (T2I) or images (I2T) the loop is timed on, then scaled")
+    parser.add_argument("--plain-slice", type=int, default=250,
+                        help="the same for the plain PyTorch path (0: the full size)")
     parser.add_argument("--budget-mb", type=float, default=256.0)
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        method, direction, n_images, n_captions, budget, loop_slice = args.child
+        method, direction, n_images, n_captions, budget, part = args.child
         print(json.dumps(measure(method, direction, int(n_images), int(n_captions), float(budget),
-                                 int(loop_slice))))
+                                 int(part))))
         return
 
     from adapt import fused
@@ -172,28 +177,23 @@ def main() -> None:
     print(f"exp throughput: {rate / 1e9:.2f} G exp/s (vectorised expf, cache-resident, all threads)")
     for direction in (["t2i", "i2t"] if args.direction == "both" else [args.direction]):
         pairs = args.images * args.captions
-        locals_ = REGIONS if direction == "t2i" else TOKENS
-        if direction == "t2i":
-            loop_shape, loop_fraction = (args.images, args.baseline_slice), args.baseline_slice / args.captions
-        else:
-            loop_shape, loop_fraction = (args.baseline_slice, args.captions), args.baseline_slice / args.images
-        sizes = (str(args.images), str(args.captions), str(args.budget_mb), str(args.baseline_slice))
-        loop = run_child("loop", direction, *sizes)
-        loop_full = loop["seconds"] / loop_fraction
-        floor = pairs * locals_ * LATENT / rate
-        print(f"\n[{direction}] {args.images} images x {args.captions} captions = {pairs:,} pairs; "
-              f"exp floor {floor:.1f} s ({pairs * locals_ * LATENT:.2e} exponentials)")
-        print(f"  loop   {loop_full:8.1f} s  (timed {loop['seconds']:.2f} s on {loop_shape[0]} x "
-              f"{loop_shape[1]}, scaled linearly)  {pairs / loop_full:12,.0f} pairs/s  "
-              f"peak RSS {loop['peak_rss_mb']:6.0f} MB")
-        for method in ("plain", "fused"):
-            got = run_child(method, direction, *sizes)
-            expected = torch.tensor(loop["first"])
-            rows, cols = expected.shape
-            agree = torch.allclose(expected, torch.tensor(got["first"])[:rows, :cols], atol=1e-4)
-            print(f"  {method:6s} {got['seconds']:8.1f} s  {loop_full / got['seconds']:6.1f}x the loop, "
-                  f"{got['seconds'] / floor:5.1f}x the exp floor  {pairs / got['seconds']:12,.0f} pairs/s  "
+        floor = pairs * (REGIONS if direction == "t2i" else TOKENS) * LATENT / rate
+        print(f"\n[{direction}] {args.images} images x {args.captions} captions = {pairs:,} pairs; exp floor "
+              f"{floor:.1f} s; times of sliced runs are scaled linearly to the full size")
+        sliced = args.captions if direction == "t2i" else args.images
+        results = {}
+        for method, part in (("loop", args.baseline_slice), ("plain", args.plain_slice), ("fused", 0)):
+            part = min(part, sliced)
+            got = run_child(method, direction, str(args.images), str(args.captions), str(args.budget_mb), str(part))
+            results[method] = seconds = got["seconds"] * (sliced / part if part else 1.0)
+            expected = torch.tensor(results.setdefault("first", got["first"]))
+            rows, cols = min(len(expected), len(got["first"])), min(expected.shape[1], len(got["first"][0]))
+            agree = torch.allclose(expected[:rows, :cols], torch.tensor(got["first"])[:rows, :cols], atol=1e-4)
+            timed = f"timed on {part} {'captions' if direction == 't2i' else 'images'}" if part else "full size"
+            print(f"  {method:6s} {seconds:8.1f} s ({timed:>20s})  {results['loop'] / seconds:6.1f}x the loop  "
+                  f"{seconds / floor:6.1f}x the exp floor  {pairs / seconds:11,.0f} pairs/s  "
                   f"peak RSS {got['peak_rss_mb']:6.0f} MB  agrees with the loop: {agree}")
+
 
 if __name__ == "__main__":
     main()
