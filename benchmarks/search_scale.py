@@ -1,0 +1,289 @@
+"""Two-stage gallery search at scale: query latency and recall@10 against exhaustive ADAPT scoring.
+
+Synthetic galleries (features generated, not extracted) with concept structure: each image has
+``REGIONS`` region features, ``CONCEPTS_PER_IMAGE`` of which are noisy prototypes of concepts and
+the rest noise; a caption names concepts. A T2I model is trained briefly on that structure so that
+both the first stage and the ADAPT scores mean something. A
+:class:`adapt.search.GalleryIndex` grows through the sizes (10k, then 90k more, then 900k more:
+incremental adds), and at each size:
+
+- exhaustive ADAPT top-10 of the query captions (the ground truth; its time is reported; large
+  galleries use fewer queries for it, bounded by ``--exhaustive-pairs``);
+- for each number of candidates K: p50 / p95 latency of one-caption ``search`` calls (first stage
+  + re-ranking) over ``--queries`` captions, and recall@10 of the two-stage top-10 against the
+  exhaustive top-10;
+- the same at the default K on the freshly opened index, with the regions evicted from the page
+  cache before every query (as when the gallery does not fit in RAM), before anything else reads
+  the gallery.
+
+This is done for the default ``"fovea-max"`` first stage and, as the baseline, for the model's own
+global vectors (``"mean"``), whose index stops growing at ``--baseline-max-size`` to save disk.
+
+Latent 256 and 36 regions in float16 are 18 KiB per image (18 GiB at 1M, plus 2 KiB of
+"fovea-max" vector in FAISS and 0.6 KiB of boxes); the script prints the sizes and refuses to start
+without the disk for them. The gallery is written under ``--work`` and deleted at the end
+(``--keep`` keeps it). The timings are of one process on this machine: at 1M the regions may not
+fit in the page cache, and re-ranking then reads candidates from disk.
+
+    python benchmarks/search_scale.py                              # 10k, 100k, 1M
+    python benchmarks/search_scale.py --sizes 10000 100000 --candidates 300 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapt import AdaptConfig, AdaptModel, HingeLoss, build_vocab  # noqa: E402
+from adapt.search import (  # noqa: E402
+    ANN_MIN_ROWS,
+    DEFAULT_CANDIDATES,
+    FIRST_STAGES,
+    POOL_FACTOR,
+    REFINE_FACTOR,
+    GalleryIndex,
+    SearchResult,
+)
+
+LATENT, REGIONS, REGION_DIM = 256, 36, 64
+N_CONCEPTS, CONCEPTS_PER_IMAGE, NOISE = 200, 3, 0.5
+ADD_CHUNK = 50_000  # images generated and added per call: bounds RAM, not the gallery
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def prototypes() -> np.ndarray:
+    """``(N_CONCEPTS, REGION_DIM)`` concept prototypes, the same in every run."""
+    return np.random.default_rng(99).normal(size=(N_CONCEPTS, REGION_DIM)).astype(np.float32)
+
+
+def concept_images(n: int, seed: int, protos: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """``n`` images ``(n, REGIONS, REGION_DIM)`` float32 and a caption naming each one's concepts."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(scale=NOISE, size=(n, REGIONS, REGION_DIM)).astype(np.float32)
+    concepts = np.argsort(rng.random((n, N_CONCEPTS)), axis=1)[:, :CONCEPTS_PER_IMAGE]
+    slots = np.argsort(rng.random((n, REGIONS)), axis=1)[:, :CONCEPTS_PER_IMAGE]
+    features[np.arange(n)[:, None], slots] += protos[concepts]
+    return features, [" ".join(f"thing{c}" for c in row) for row in concepts]
+
+
+def train_model(protos: np.ndarray, steps: int, batch: int) -> AdaptModel:
+    """A T2I model trained for ``steps`` batches of fresh concept images (hinge loss, Adamax)."""
+    torch.manual_seed(0)
+    config = AdaptConfig(region_dim=REGION_DIM, latent_size=LATENT, similarity="t2i", word_vectors="random",
+                         word_dim=32, vocab=build_vocab(f"thing{c}" for c in range(N_CONCEPTS)),
+                         card={"data": "benchmarks/search_scale.py synthetic concepts"})
+    model = AdaptModel(config).train()
+    loss_fn = HingeLoss()
+    optimizer = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=4e-3)
+    for step in range(steps):
+        features, captions = concept_images(batch, 10_000_000 + step, protos)
+        loss = loss_fn(model(torch.from_numpy(features), captions).scores)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def load_or_train(folder: Path, protos: np.ndarray, steps: int, batch: int) -> AdaptModel:
+    if (folder / "model.safetensors").exists():
+        model = AdaptModel.from_pretrained(folder)
+        if (model.config.region_dim, model.config.latent_size) == (REGION_DIM, LATENT):
+            print(f"model: reusing {folder}")
+            return model
+    start = time.perf_counter()
+    model = train_model(protos, steps, batch)
+    model.save_pretrained(folder)
+    print(f"model: trained {steps} steps of {batch} images in {time.perf_counter() - start:.0f} s")
+    return model
+
+
+def grow(index: GalleryIndex, size: int, protos: np.ndarray) -> float:
+    """Add generated images until the index holds ``size``; returns the seconds it took."""
+    start = time.perf_counter()
+    while len(index) < size:
+        n = min(ADD_CHUNK, size - len(index))
+        features, _ = concept_images(n, len(index), protos)  # seeded by position: reproducible
+        index.add(features, None, [f"synthetic-{len(index) + i}" for i in range(n)])
+    return time.perf_counter() - start
+
+
+def recall_at_10(found: list[SearchResult], truth: list[SearchResult]) -> float:
+    return float(np.mean([len(set(f.ids) & set(t.ids)) / len(t.ids) for f, t in zip(found, truth)]))
+
+
+def evict_regions(index: GalleryIndex) -> None:
+    """Drop the index's region files (only those) from the page cache, as on a machine whose RAM
+    cannot hold the gallery: re-ranking then reads every candidate from disk."""
+    for shard in index.shards:
+        fd = os.open(shard.folder / "regions.npy", os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # dirty pages, fresh from add(), cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed_searches(
+    index: GalleryIndex, captions: list[str], candidates: int, cold: bool = False
+) -> tuple[list[SearchResult], np.ndarray]:
+    """One ``search`` call per caption, as a server answers queries: results and milliseconds.
+
+    ``cold``: evict the regions from the page cache before each query (not timed).
+    """
+    index.search(captions[:1], top_k=10, candidates=candidates)  # warm-up: first-touch costs
+    results, ms = [], []
+    for caption in captions:
+        if cold:
+            evict_regions(index)
+        start = time.perf_counter()
+        results += index.search([caption], top_k=10, candidates=candidates)
+        ms.append(1000 * (time.perf_counter() - start))
+    return results, np.array(ms)
+
+
+def report(
+    index: GalleryIndex, k: int, cold: bool, found: list[SearchResult], ms: np.ndarray,
+    truth: list[SearchResult],
+) -> dict:
+    """One result row (latency percentiles, recall@10 on the captions with ground truth), printed."""
+    row = {"size": len(index), "first_stage": index.first_stage, "candidates": k, "cold": cold,
+           "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+           "recall": recall_at_10(found[: len(truth)], truth)}
+    print(f"  {index.first_stage}: K={k:>5}{' cold' if cold else '     '}: p50 {row['p50_ms']:7.1f} ms  "
+          f"p95 {row['p95_ms']:7.1f} ms  recall@10 {row['recall']:.3f}", flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Latency (default first stage, warm and cold page cache) and recall@10 (both first stages)
+    against gallery size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_latency, ax_recall) = plt.subplots(1, 2, figsize=(11, 4.4))
+    colours = {k: f"C{i}" for i, k in enumerate(sorted({r["candidates"] for r in rows}))}
+    for kind, k, cold in sorted({(r["first_stage"], r["candidates"], r["cold"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["first_stage"], r["candidates"], r["cold"]) == (kind, k, cold)),
+                      key=lambda r: r["size"])
+        sizes, colour = [r["size"] for r in mine], "black" if cold else colours[k]
+        if kind != FIRST_STAGES[0]:
+            ax_recall.plot(sizes, [r["recall"] for r in mine], "o:", color=colour, label=f"{kind}, K={k}")
+            continue
+        label = f"K={k}" + (", regions not in page cache" if cold else "")
+        if not cold:
+            ax_recall.plot(sizes, [r["recall"] for r in mine], "o-", color=colour, label=f"{kind}, K={k}")
+        ax_latency.plot(sizes, [r["p50_ms"] for r in mine], "o-", color=colour, label=f"{label} p50")
+        ax_latency.plot(sizes, [r["p95_ms"] for r in mine], "x--", color=colour, label=f"{label} p95")
+    ax_latency.axhline(200, color="grey", lw=0.8, ls=":", label="200 ms target")
+    ax_recall.axhline(0.95, color="grey", lw=0.8, ls=":", label="0.95 target")
+    for ax, title, scale in ((ax_latency, f"query latency, {FIRST_STAGES[0]} first stage (ms)", "log"),
+                             (ax_recall, "recall@10 vs exhaustive ADAPT", "linear")):
+        ax.set_xscale("log")
+        ax.set_yscale(scale)
+        ax.set_xlabel("gallery size (images)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5)
+    fig.suptitle(f"two-stage ADAPT-T2I search, latent {LATENT}, {REGIONS} regions, "
+                 f"{torch.get_num_threads()} thread(s), synthetic concept galleries", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[50, 100, 200, 1000],
+                        help="numbers of first-stage candidates K to measure")
+    parser.add_argument("--queries", type=int, default=50, help="captions timed per size and K")
+    parser.add_argument("--exhaustive-pairs", type=float, default=2e7,
+                        help="bound on exhaustive (caption, image) pairs per size: fewer ground-truth "
+                             "queries for large galleries (at least 10)")
+    parser.add_argument("--baseline-max-size", type=int, default=100_000,
+                        help="largest gallery for which the 'mean' first stage is measured too")
+    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch and FAISS threads (default: theirs); on a shared machine 1 "
+                             "avoids OpenMP threads waiting for each other")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/adapt-search-scale"))
+    parser.add_argument("--keep", action="store_true", help="keep the generated gallery and model")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "search_scale.png")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+
+    per_image = REGIONS * LATENT * 2 + REGIONS * 4 * 4 + 2 * LATENT * 4 + LATENT // 4 + 32
+    images_on_disk = max(args.sizes) + min(max(args.sizes), args.baseline_max_size)
+    print(f"benchmark size: latent {LATENT}, {REGIONS} regions of {REGION_DIM} input dims, float16 "
+          f"regions: {per_image / 1024:.1f} KiB per image with boxes, first-stage vector and FAISS, "
+          f"{per_image * max(args.sizes) / 2**30:.1f} GiB at {max(args.sizes):,} images")
+    print(f"first stage per shard: FAISS exact below {ANN_MIN_ROWS:,} images, then PQ fast-scan with "
+          f"exact refinement of {REFINE_FACTOR} x its hits; 'fovea-max' re-scores {POOL_FACTOR} x K hits "
+          f"with the hard-fovea cosine; threads: torch {torch.get_num_threads()}, faiss "
+          f"{faiss.omp_get_max_threads()}; timings are noisy when other work shares the cores")
+    args.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.work).free
+    if free < 1.1 * per_image * images_on_disk:
+        sys.exit(f"{args.work} has {free / 2**30:.1f} GiB free, the galleries need "
+                 f"{1.1 * per_image * images_on_disk / 2**30:.1f} GiB: pass --work on a larger disk or smaller --sizes")
+
+    protos = prototypes()
+    model = load_or_train(args.work / "model", protos, args.train_steps, args.train_batch)
+    captions = concept_images(args.queries, 123_456, protos)[1]
+    indexes: dict[str, GalleryIndex | None] = {}
+    for kind in FIRST_STAGES:
+        shutil.rmtree(args.work / kind, ignore_errors=True)
+        indexes[kind] = GalleryIndex.create(args.work / kind, model, first_stage=kind)
+    rows: list[dict] = []
+    try:
+        for size in sorted(args.sizes):
+            kinds = [kind for kind in FIRST_STAGES if kind == FIRST_STAGES[0] or size <= args.baseline_max_size]
+            build_s = {kind: grow(indexes[kind], size, protos) for kind in kinds}
+            # Search with freshly opened indexes, as a serving process would: pages the builder
+            # mapped would stay in the page cache whatever the cold run evicts.
+            indexes.update({kind: None for kind in kinds})
+            gc.collect()
+            indexes.update({kind: GalleryIndex.open(args.work / kind, model) for kind in kinds})
+            index = indexes[FIRST_STAGES[0]]
+            cold = timed_searches(index, captions, DEFAULT_CANDIDATES, cold=True)  # before anything reads
+            n_truth = int(min(args.queries, max(10, args.exhaustive_pairs // size)))
+            start = time.perf_counter()
+            truth = index.search_exhaustive(captions[:n_truth], top_k=10)
+            exhaustive_s = time.perf_counter() - start
+            print(f"\n{size:,} images in {len(index.shards)} shard(s) of {index.shard_size:,}; built in "
+                  + ", ".join(f"{s:.0f} s ({k})" for k, s in build_s.items())
+                  + f"\n  exhaustive ADAPT top-10 of {n_truth} captions: {exhaustive_s:.1f} s "
+                  f"({1000 * exhaustive_s / n_truth:.0f} ms per caption)")
+            for kind in kinds:
+                _, ms = timed_searches(indexes[kind], captions, 10)
+                print(f"  {kind}: K=10 (about the first stage alone): p50 {np.percentile(ms, 50):.1f} ms")
+                rows += [report(indexes[kind], k, False, *timed_searches(indexes[kind], captions, k), truth)
+                         for k in args.candidates]
+            rows.append(report(index, DEFAULT_CANDIDATES, True, *cold, truth))
+            plot(rows, args.plot)
+    finally:
+        if args.keep:
+            print(f"kept {args.work}")
+        else:
+            shutil.rmtree(args.work, ignore_errors=True)
+    print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

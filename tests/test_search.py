@@ -1,0 +1,250 @@
+"""Two-stage gallery search: incremental sharded storage, memory maps, exactness against exhaustive
+ADAPT, first-stage recall, the compressed ANN path, and refusing an index built with another model."""
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from test_model import concept_data
+
+from adapt import AdaptConfig, AdaptModel, HingeLoss, build_vocab
+from adapt import search
+from adapt.search import GalleryIndex, GalleryIndexError, merge_top_k, top_candidates
+
+N_GALLERY = 300
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: a second OpenMP thread only adds synchronisation, which on a shared
+    2-core machine made the module ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_tiny_model(latent_size: int = 32, epochs: int = 3) -> AdaptModel:
+    """A T2I model trained briefly on concept data, so that both search stages mean something."""
+    torch.manual_seed(0)
+    images, captions = concept_data(512)
+    config = AdaptConfig(region_dim=32, latent_size=latent_size, similarity="t2i",
+                         word_vectors="random", word_dim=32, vocab=build_vocab(captions))
+    model = AdaptModel(config).train()
+    loss_fn = HingeLoss()
+    optimizer = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(images)).split(32):
+            loss = loss_fn(model(images[batch], [captions[i] for i in batch]).scores)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> AdaptModel:
+    return train_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Gallery images ``(300, 8, 32)``, their boxes ``(300, 8, 4)`` and ids."""
+    images, _ = concept_data(N_GALLERY, seed=1)
+    boxes = np.random.default_rng(1).uniform(0, 100, size=(N_GALLERY, images.shape[1], 4))
+    return images.numpy(), boxes.astype(np.float32), [f"img-{i}" for i in range(N_GALLERY)]
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory, model, data) -> GalleryIndex:
+    """300 images in shards of 128, added in two goes with a reopen in between."""
+    images, boxes, ids = data
+    folder = tmp_path_factory.mktemp("gallery")
+    GalleryIndex.create(folder, model, shard_size=128).add(images[:100], boxes[:100], ids[:100])
+    GalleryIndex.open(folder, model).add(images[100:], boxes[100:], ids[100:])
+    return GalleryIndex.open(folder, model)
+
+
+def queries(n: int = 20) -> list[str]:
+    return concept_data(n, seed=7)[1]
+
+
+def recall_at_10(found, truth) -> float:
+    return float(np.mean([len(set(f.ids) & set(t.ids)) / 10 for f, t in zip(found, truth)]))
+
+
+def test_incremental_adds_append_in_order_and_never_rewrite_full_shards(tmp_path, model, data):
+    images, boxes, ids = data
+    np.save(tmp_path / "features.npy", images[:100])
+    index = GalleryIndex.create(tmp_path / "index", model, shard_size=64)
+    index.add(np.load(tmp_path / "features.npy", mmap_mode="r"), boxes[:100], ids[:100])
+    assert [s.count for s in index.shards] == [64, 36]
+    full_shard = tmp_path / "index" / "shard-00000"
+    full = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in full_shard.iterdir()}
+
+    index = GalleryIndex.open(tmp_path / "index", model)
+    index.add(torch.from_numpy(images[100:150]), None, ids[100:150])
+    assert [s.count for s in index.shards] == [64, 64, 22]
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in full_shard.iterdir()} == full
+
+    index = GalleryIndex.open(tmp_path / "index", model)
+    assert len(index) == 150
+    assert [i for s in index.shards for i in s.ids] == ids[:150]
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["count"] == 150 and [s["count"] for s in manifest["shards"]] == [64, 64, 22]
+    stored = np.concatenate([s.regions for s in index.shards]).astype(np.float32)
+    with torch.inference_mode():
+        encoded = model.encode_regions(torch.from_numpy(images[:150])).numpy()
+    np.testing.assert_allclose(stored, encoded, atol=1e-3)  # float16 on disk
+    stored_boxes = np.concatenate([s.boxes for s in index.shards])
+    np.testing.assert_array_equal(stored_boxes[:100], boxes[:100])
+    assert np.isnan(stored_boxes[100:]).all()  # added without boxes
+
+
+def test_stored_arrays_are_float16_memory_maps(gallery):
+    assert [s.count for s in gallery.shards] == [128, 128, 44]
+    for shard in gallery.shards:
+        assert isinstance(shard.regions, np.memmap) and shard.regions.dtype == np.float16
+        assert isinstance(shard.boxes, np.memmap) and shard.boxes.dtype == np.float32
+        assert shard.regions.shape == (shard.count, 8, gallery.model.config.latent_size)
+
+
+def test_two_stage_with_every_image_as_candidate_is_exhaustive_adapt(gallery, model, data):
+    _, boxes, ids = data
+    captions = queries()
+    two_stage = gallery.search(captions, top_k=10, candidates=len(gallery))
+    exhaustive = gallery.search_exhaustive(captions, top_k=10)
+    # And against one plain similarity call over the whole stored gallery.
+    regions = torch.from_numpy(np.concatenate([s.regions for s in gallery.shards]).astype(np.float32))
+    with torch.inference_mode():
+        words, mask = model.encode_text(captions)
+        scores = model.similarity(regions, words, mask).scores.numpy()  # (n_images, n_captions)
+    for q, (found, truth) in enumerate(zip(two_stage, exhaustive)):
+        best = np.argsort(-scores[:, q])[:10]
+        assert found.ids == truth.ids == [ids[i] for i in best]
+        np.testing.assert_allclose(found.scores, scores[best, q], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(truth.scores, scores[best, q], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(found.boxes, boxes[found.shards * gallery.shard_size + found.rows])
+
+
+def test_first_stage_recall_grows_with_candidates_and_fovea_max_beats_the_mean(
+    gallery, tmp_path, model, data
+):
+    images, boxes, ids = data
+    mean = GalleryIndex.create(tmp_path, model, shard_size=128, first_stage="mean")
+    mean.add(images, boxes, ids)
+    captions = queries()
+    truth = gallery.search_exhaustive(captions, top_k=10)
+    assert [r.ids for r in mean.search_exhaustive(captions, top_k=10)] == [r.ids for r in truth]
+    recalls = {
+        index.first_stage: {k: recall_at_10(index.search(captions, top_k=10, candidates=k), truth)
+                            for k in (10, 20, 40, len(gallery))}
+        for index in (gallery, mean)
+    }
+    print("recall@10 of two-stage vs exhaustive ADAPT, by first stage and candidates:", recalls)
+    for by_k in recalls.values():
+        assert list(by_k.values()) == sorted(by_k.values()) and by_k[len(gallery)] == 1.0
+    assert recalls["fovea-max"][20] >= 0.9, recalls  # 20 random candidates of 300 would give 0.07
+    assert recalls["fovea-max"][20] > recalls["mean"][20]
+
+
+def test_fovea_max_score_is_t2i_in_the_limit_of_a_hard_fovea(model):
+    sharp = AdaptModel(AdaptConfig(**{**model.config.to_dict(), "lambda_t2i": 1e4})).eval()
+    sharp.load_state_dict(model.state_dict())
+    with torch.no_grad():  # make some of gamma + 1 negative, so that minima are taken too
+        sharp.similarity.heads["t2i"].adapt.fc_gamma.weight.mul_(30)
+    images, _ = concept_data(20, seed=5)
+    with torch.inference_mode():
+        regions = sharp.encode_regions(images)
+        words, mask = sharp.encode_text(queries(6))
+        exact = sharp.similarity(regions, words, mask).scores.numpy()  # (20, 6)
+        vectors = search.image_vectors(sharp, "fovea-max", regions).numpy()
+    captions = search.caption_queries(sharp, "fovea-max", words, mask)
+    scale = np.split(captions, 3, axis=1)[1]
+    assert (scale < 0).any() and (scale > 0).any()
+    hard = np.stack([search.first_stage_scores("fovea-max", c, vectors) for c in captions], axis=1)
+    np.testing.assert_allclose(hard, exact, atol=1e-4)
+
+
+def test_large_shard_switches_to_a_compressed_index_that_keeps_exact_scores(
+    tmp_path, model, monkeypatch
+):
+    monkeypatch.setattr(search, "ANN_MIN_ROWS", 1000)
+    n = 1200
+    images, _ = concept_data(n, seed=3)
+    index = GalleryIndex.create(tmp_path, model, shard_size=2000)
+    index.add(images[:900], None, [str(i) for i in range(900)])
+    assert isinstance(index.shards[0].ann, faiss.IndexFlatIP)
+    GalleryIndex.open(tmp_path, model).add(images[900:], None, [str(i) for i in range(900, n)])
+    index = GalleryIndex.open(tmp_path, model)
+    ann = index.shards[0].ann
+    assert isinstance(ann, faiss.IndexRefineFlat) and ann.ntotal == n
+    assert ann.k_factor == search.REFINE_FACTOR
+    captions = queries(8)
+    truth = index.search_exhaustive(captions, top_k=10)
+    assert [r.ids for r in index.search(captions, top_k=10, candidates=n)] == [r.ids for r in truth]
+    assert recall_at_10(index.search(captions, top_k=10, candidates=40), truth) >= 0.9
+
+
+def test_an_add_that_died_before_writing_the_manifest_leaves_a_usable_index(tmp_path, model, data):
+    images, boxes, ids = data
+    GalleryIndex.create(tmp_path, model, shard_size=64).add(images[:80], boxes[:80], ids[:80])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    # As if the last add had been of 50 images: its second shard and the first's last 14 rows,
+    # ids and FAISS entries were written, the manifest not.
+    manifest["shards"] = [{"name": "shard-00000", "count": 50}]
+    manifest["count"] = 50
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    index = GalleryIndex.open(tmp_path, model)
+    assert len(index) == 50 and index.shards[0].ann.ntotal == 50 and index.shards[0].ids == ids[:50]
+    index.add(images[50:100], boxes[50:100], ids[50:100])  # reuses the orphaned shard-00001 folder
+    index = GalleryIndex.open(tmp_path, model)
+    assert [s.count for s in index.shards] == [64, 36]
+    assert [i for s in index.shards for i in s.ids] == ids[:100]
+
+
+def test_an_index_refuses_a_different_model(gallery, model):
+    retrained = AdaptModel(model.config)  # same architecture, other weights
+    with pytest.raises(GalleryIndexError, match="different model.*weights_sha256.*GalleryIndex.create"):
+        GalleryIndex.open(gallery.folder, retrained)
+    wider = AdaptModel(AdaptConfig(**{**model.config.to_dict(), "latent_size": 48}))
+    with pytest.raises(GalleryIndexError, match="latent_size: index 32, model 48"):
+        GalleryIndex.open(gallery.folder, wider)
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, model, data):
+    images, boxes, ids = data
+    i2t = AdaptModel(AdaptConfig(**{**model.config.to_dict(), "similarity": "i2t"}))
+    with pytest.raises(GalleryIndexError, match="use first_stage='mean'"):
+        GalleryIndex.create(tmp_path / "i2t", i2t, first_stage="fovea-max")
+    assert GalleryIndex.create(tmp_path / "i2t", i2t).first_stage == "mean"
+    index = GalleryIndex.create(tmp_path, model, shard_size=64)
+    with pytest.raises(GalleryIndexError, match="no images yet"):
+        index.search(["thing1"])
+    with pytest.raises(ValueError, match=r"shape \(n, n_regions, 32\)"):
+        index.add(images[:4, :, :16], None, ids[:4])
+    with pytest.raises(ValueError, match="got 4 images but 3 ids"):
+        index.add(images[:4], None, ids[:3])
+    with pytest.raises(ValueError, match="boxes must have shape"):
+        index.add(images[:4], boxes[:4, :, :2], ids[:4])
+    index.add(images[:4], None, ids[:4])
+    with pytest.raises(ValueError, match="holds 8 regions per image, got 6"):
+        index.add(images[:4, :6], None, ids[:4])
+    with pytest.raises(ValueError, match="top_k <= candidates"):
+        index.search(["thing1"], top_k=10, candidates=5)
+    with pytest.raises(GalleryIndexError, match="already holds a gallery index"):
+        GalleryIndex.create(tmp_path, model)
+    with pytest.raises(GalleryIndexError, match="no readable manifest.json"):
+        GalleryIndex.open(tmp_path / "nothing", model)
+
+
+def test_shard_merges_need_only_scores_and_ids():
+    shard_a = [(0.9, "a1"), (0.5, "a2")]
+    shard_b = [(0.7, "b1"), (0.6, "b2"), (0.1, "b3")]
+    assert merge_top_k([shard_a, shard_b], 3) == [(0.9, "a1"), (0.7, "b1"), (0.6, "b2")]
+    scores = [np.array([[0.9, 0.2]]), np.array([[0.8, 0.0]])]
+    rows = [np.array([[4, 7]]), np.array([[3, -1]])]  # FAISS pads missing hits with -1
+    shard, row = top_candidates(scores, rows, 3)
+    assert shard.tolist() == [[0, 1, 0]] and row.tolist() == [[4, 3, 7]]
