@@ -23,8 +23,8 @@ a large gallery is far too slow for a query. Search therefore runs in two stages
    - ``"mean"``: the l2-normalised mean of the encoded regions against the l2-normalised masked
      mean of the words (the ADAPT query): the model's own global vectors, and the only choice for
      I2T-only models. On synthetic concept data (``benchmarks/search_scale.py``) it recalls far
-     less of the exhaustive top-10: 0.48 with K = 1000 of 10k images, where ``"fovea-max"``
-     recalls 0.998 with K = 100.
+     less of the exhaustive top-10: 0.48 with K = 1000 of 10k images and 0.18 of 100k, where
+     ``"fovea-max"`` recalls 1.000 with K = 100 of 10k, 100k and 1M images.
 
    The ``candidates`` (K) best images by the first-stage score go on.
 
@@ -94,7 +94,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "adapt-gallery-index"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 250_000
-DEFAULT_CANDIDATES = 200  # recall@10 1.000 at K = 100 of 10k to 1M synthetic images: 2x margin
+DEFAULT_CANDIDATES = 200  # twice the K that recalled the whole top-10 of 10k to 1M synthetic images
 ANN_MIN_ROWS = 20_000  # below this an exact scan of a shard takes about a millisecond
 REFINE_FACTOR = 8  # the compressed index re-scores exactly this many times the hits asked of it
 POOL_FACTOR = 5  # "fovea-max": hits by inner product re-scored with the hard-fovea cosine, per K
