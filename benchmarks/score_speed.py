@@ -12,6 +12,8 @@ its own subprocess so that its peak RSS is its own.
 
     python benchmarks/score_speed.py                      # 1000 images x 5000 captions, both directions
     python benchmarks/score_speed.py --captions 500 --direction t2i
+    python benchmarks/score_speed.py --device cuda          # adds the PyTorch path on the GPU, checked
+                                                            # against the CPU loop's scores
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def exp_rate(seconds: float = 2.0) -> float:
 
 
 def measure(method: str, direction: str, n_images: int, n_captions: int, budget: float,
-            part: int) -> dict:
+            part: int, device: str = "cpu") -> dict:
     """Run one method once and return seconds, peak RSS and a checksum row for comparison.
 
     ``part`` > 0 times the method on that many captions (T2I) or images (I2T) of the same inputs.
@@ -131,14 +133,18 @@ def measure(method: str, direction: str, n_images: int, n_captions: int, budget:
     if part:
         regions, words, mask = (regions, words[:part], mask[:part]) if direction == "t2i" \
             else (regions[:part], words, mask)
-    module = head(direction)
+    module = head(direction).to(device)
+    regions, words, mask = regions.to(device), words.to(device), mask.to(device)
     with torch.inference_mode():
         start = time.perf_counter()
         if method == "loop":
             scores = (loop_t2i if direction == "t2i" else loop_i2t)(module, regions, words, mask)
         else:  # plain or fused: ADAPT_FUSED is set by the parent
             scores = module(regions, words, mask, memory_budget_mb=budget)[0]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+        scores = scores.cpu()
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "first": scores[:, :8].tolist()}
 
@@ -160,18 +166,20 @@ def main() -> None:
     parser.add_argument("--plain-slice", type=int, default=250,
                         help="the same for the plain PyTorch path (0: the full size)")
     parser.add_argument("--budget-mb", type=float, default=256.0)
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu",
+                        help="cuda: also time adapt's PyTorch path on the GPU and check it against the CPU")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        method, direction, n_images, n_captions, budget, part = args.child
+        method, direction, n_images, n_captions, budget, part, device = args.child
         print(json.dumps(measure(method, direction, int(n_images), int(n_captions), float(budget),
-                                 int(part))))
+                                 int(part), device)))
         return
 
     from adapt import fused
 
     fused.kernels()  # build outside the timed children
-    rate = run_child("exp", "t2i", "0", "0", "0", "0")["rate"]
+    rate = run_child("exp", "t2i", "0", "0", "0", "0", "cpu")["rate"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, latent {LATENT}, "
           f"{REGIONS} regions, {TOKENS}-token captions, memory budget {args.budget_mb} MB")
     print(f"exp throughput: {rate / 1e9:.2f} G exp/s (vectorised expf, cache-resident, all threads)")
@@ -182,9 +190,14 @@ def main() -> None:
               f"{floor:.1f} s; times of sliced runs are scaled linearly to the full size")
         sliced = args.captions if direction == "t2i" else args.images
         results = {}
-        for method, part in (("loop", args.baseline_slice), ("plain", args.plain_slice), ("fused", 0)):
+        runs = [("loop", args.baseline_slice, "cpu"), ("plain", args.plain_slice, "cpu"), ("fused", 0, "cpu")]
+        if args.device != "cpu":
+            runs.append(("plain", 0, args.device))
+        for method, part, device in runs:
             part = min(part, sliced)
-            got = run_child(method, direction, str(args.images), str(args.captions), str(args.budget_mb), str(part))
+            got = run_child(method, direction, str(args.images), str(args.captions), str(args.budget_mb), str(part),
+                            device)
+            method = method if device == "cpu" else device
             results[method] = seconds = got["seconds"] * (sliced / part if part else 1.0)
             expected = torch.tensor(results.setdefault("first", got["first"]))
             rows, cols = min(len(expected), len(got["first"])), min(expected.shape[1], len(got["first"][0]))
