@@ -9,6 +9,7 @@ each box is RoI-aligned on the final 1280-channel map and averaged, so D = 1280 
 from __future__ import annotations
 
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ class SsdEfficientNetExtractor(RegionExtractor):
         self.detector = cv2.dnn.readNetFromTensorflow(
             str(_package_file(SSD_PACKAGE, SSD_GRAPH)), str(_package_file(SSD_PACKAGE, SSD_CONFIG)))
         self.backbone = _efficientnet_lite0().to(self.device).eval()
+        self._detector_thread = ThreadPoolExecutor(1, thread_name_prefix="ssd-detector")
 
     def _backend_identity(self) -> dict[str, Any]:
         return {
@@ -101,7 +103,15 @@ class SsdEfficientNetExtractor(RegionExtractor):
     def _detect(self, images: list[Image.Image]) -> list[Detections]:
         # One image at a time: on CPU, batching costs more per image in both models (measured
         # 10-35% more CPU time, and more memory); on a GPU the detector, on the CPU, dominates anyway.
-        return [Detections(*self._run_detector(image), *self._feature_map(image)) for image in images]
+        # The detector (OpenCV, one core) runs in a worker thread while the backbone (torch) runs
+        # here: both release the GIL, so the two overlap (benchmarks/extract_speed.py: 4.7 -> 5.4
+        # images/s on 2 cores).
+        detections = []
+        for image in images:
+            boxes = self._detector_thread.submit(self._run_detector, image)
+            feature_map = self._feature_map(image)
+            detections.append(Detections(*boxes.result(), *feature_map))
+        return detections
 
     def _run_detector(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, 4) boxes in image pixels, (n,) scores, (n,) COCO ids."""
