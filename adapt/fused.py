@@ -30,6 +30,9 @@ def kernels() -> ModuleType | None:
     if os.environ.get("ADAPT_FUSED", "1") == "0":
         return None
     try:
+        # A CUDA build of torch on a machine without CUDA warns "No CUDA runtime is found" when this
+        # module loads; the kernels are CPU-only, so that warning only confuses users.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load
 
         return load(
