@@ -11,7 +11,6 @@ refused with a message in the page, never a traceback.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,8 @@ class Demo:
         self.retriever = retriever
         self.choices = [name for name, dirs in SCORING.items()
                         if set(dirs) <= set(retriever.directions)]
-        self.start_gallery = self._gallery_with(Gallery(), {}, EXAMPLES)[:2]
+        self.start_state = self.empty_state()
+        self._add_files(self.start_state, EXAMPLES)
 
     def _load(self, path: str | None) -> tuple[Any, Any]:
         if not path:
@@ -117,8 +117,14 @@ class Demo:
         image = load_image(state["image"], self.retriever.extractor.max_pixels)
         return self._highlight(image, state["ranked"], row, state["show_boxes"])
 
-    def _gallery_with(self, gallery: Gallery, paths: dict, files) -> tuple[Gallery, dict, list[str]]:
-        problems = []
+    @staticmethod
+    def empty_state() -> dict:
+        """A session's gallery: the :class:`Gallery` and the image file of each key."""
+        return {"gallery": Gallery(), "paths": {}}
+
+    def _add_files(self, state: dict, files) -> list[str]:
+        """Add image files to a session's gallery; returns the problems of those left out."""
+        gallery, paths, problems = state["gallery"], state["paths"], []
         for path in files:
             if len(gallery) >= MAX_GALLERY:
                 problems.append(f"the gallery holds at most {MAX_GALLERY} images; the rest were not added")
@@ -130,23 +136,20 @@ class Demo:
                 continue
             gallery.add(key, regions)
             paths[key] = str(path)
-        return gallery, paths, problems
+        return problems
 
     def add_images(self, files: list | None, state: dict):
         """Add uploaded images to the session's gallery (bad files are reported and skipped)."""
         if not files:
             raise gr.Error("Choose one or more image files to add.")
-        gallery, paths = copy.copy(state["gallery"]), dict(state["paths"])
-        gallery.keys, gallery.regions = list(gallery.keys), list(gallery.regions)
-        gallery, paths, problems = self._gallery_with(gallery, paths, [getattr(f, "name", f) for f in files])
-        for problem in problems[:5]:
+        # Gradio gives every session its own deep copy of the State, so it is changed in place.
+        for problem in self._add_files(state, [getattr(f, "name", f) for f in files])[:5]:
             gr.Warning(problem)
-        new_state = {"gallery": gallery, "paths": paths}
-        return new_state, self._gallery_status(new_state), None
+        return state, self._gallery_status(state), None
 
     def clear_gallery(self, state: dict):
-        new_state = {"gallery": Gallery(), "paths": {}}
-        return new_state, self._gallery_status(new_state), []
+        state = self.empty_state()
+        return state, self._gallery_status(state), []
 
     @staticmethod
     def _gallery_status(state: dict) -> str:
@@ -214,7 +217,7 @@ def build_demo(retriever: Retriever, checkpoint: str) -> gr.Blocks:
             ranked.select(demo_logic.select_caption, [rank_state], [highlight, highlight_note],
                           api_visibility="private")
         with gr.Tab("Search gallery"):
-            gallery_state = gr.State({"gallery": demo_logic.start_gallery[0], "paths": demo_logic.start_gallery[1]})
+            gallery_state = gr.State(demo_logic.start_state)
             with gr.Row():
                 query = gr.Textbox(label="Caption", placeholder="a cat lying on a blanket", scale=4)
                 top_k = gr.Slider(1, 50, value=8, step=1, label="Results", scale=1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapt.model import AdaptModel
+from adapt.model import AdaptModel, pick_device
 from adapt.regions import (
     ImageSource,
     RegionExtractor,
@@ -145,9 +145,11 @@ class Retriever:
                     "the model does not name the region extractor of its training features; "
                     "pass extractor=adapt.regions.build_extractor(...) and allow_extractor_mismatch=True"
                 )
+            # build_extractor checks the rebuilt extractor against the identity itself.
             extractor = build_extractor(model.config.extractor, allow_mismatch=allow_extractor_mismatch,
                                         device=model.device)
-        check_extractor(model.config.extractor, extractor.identity, allow_mismatch=allow_extractor_mismatch)
+        else:
+            check_extractor(model.config.extractor, extractor.identity, allow_mismatch=allow_extractor_mismatch)
         self.extractor = extractor
         self.cache = RegionCache(cache_dir, extractor.identity) if cache_dir is not None else None
 
@@ -157,8 +159,6 @@ class Retriever:
         **kwargs,
     ) -> "Retriever":
         """Load a checkpoint (local folder or Hub id; default: the bundled model) and its extractor."""
-        from adapt.model import pick_device
-
         model = AdaptModel.from_pretrained(str(checkpoint), map_location=str(device or pick_device()))
         return cls(model, **kwargs)
 

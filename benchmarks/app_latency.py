@@ -54,7 +54,8 @@ def main() -> None:
         demo.queue(default_concurrency_limit=2)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
         client = Client(url, verbose=False)
-        scoring = app.Demo(retriever).choices[0]
+        logic = app.Demo(retriever)
+        scoring = logic.choices[0]
         photos = [Image.open(p).convert("RGB") for p in app.EXAMPLES]
         rank_times = []
         for i in range(args.runs + 1):
@@ -69,8 +70,7 @@ def main() -> None:
                 rank_times.append(time.perf_counter() - start)
         demo.close()
 
-        logic = app.Demo(retriever)
-        base, paths = logic.start_gallery[0], logic.start_gallery[1]
+        base, paths = logic.start_state["gallery"], logic.start_state["paths"]
         gallery = Gallery()
         for i in range(args.gallery):
             key = base.keys[i % len(base)]

@@ -120,6 +120,10 @@ def test_gallery_search_add_and_clear(client, tmp_path):
     assert "1 image" in status
     assert len(client.predict("a cat", 10, api_name="/search_gallery")) == 1
 
+    # Each session has its own gallery: a new session still starts from the sample photos.
+    other = Client(client.src, verbose=False)
+    assert len(other.predict("a cat", 10, api_name="/search_gallery")) == len(app.EXAMPLES)
+
 
 def test_search_with_an_empty_query_is_refused(client):
     with pytest.raises(Exception, match="Type a caption"):
