@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard
 
 import training.push as push
 from adapt import AdaptConfig, AdaptModel, build_vocab
+from training.card import model_card
 
 CAPTIONS = ["a dog on a sofa", "two cats", "a red car in the street", "a boat", "children play football"]
 EXTRACTOR = {"detector": "ssd-mobilenet-v2-coco", "backbone": "efficientnet-lite0", "regions": 5, "box_features": True}
@@ -104,6 +105,6 @@ def test_push_errors_are_clear(tmp_path, checkpoint, monkeypatch, capsys):
 
 def test_card_without_training_metadata():
     config = AdaptConfig(region_dim=8, latent_size=8, vocab=build_vocab(CAPTIONS), word_vectors="random")
-    text = push.model_card(config)
+    text = model_card(config)
     assert text.startswith("---\nlibrary_name: adapt\n") and "No metrics recorded." in text
     assert "features of unknown origin" in text

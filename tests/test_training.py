@@ -16,13 +16,15 @@ import pytest
 import torch
 import yaml
 
-from adapt import AdaptConfig, AdaptModel, build_vocab
+from adapt import AdaptConfig, AdaptModel, ConfigError, build_vocab
+from training.config import load_config
 from training.data import CaptionPairs, DatasetError, DistinctImageBatches, PairCollate, load_split
 from training.evaluate import evaluate, score_matrix
 from training.evaluate import main as evaluate_main
 from training.metrics import fold_slices, retrieval_metrics
 from training.schedule import WarmupStepSchedule
-from training.train import ConfigError, Trainer, build_model, load_config, read_training_state
+from training.state import read_training_state
+from training.train import Trainer, build_model
 from training.train import main as train_main
 
 CONCEPTS = ["dog", "cat", "car", "tree", "boat", "horse", "bird", "ball", "child", "bike", "house", "river"]

@@ -22,118 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi
 
-from adapt import AdaptConfig, AdaptModel, CheckpointError
-from training.metrics import markdown_table
-
-TAGS = ["adapt", "image-text-retrieval", "cross-modal-retrieval", "image-to-text", "text-to-image", "pytorch"]
-PAPER = "https://arxiv.org/abs/1911.09370"
-CITATION = """@inproceedings{wehrmann2020adaptive,
-  title     = {Adaptive Cross-modal Embeddings for Image-Text Alignment},
-  author    = {Wehrmann, J{\\^o}natas and Kolling, Camila and Barros, Rodrigo C.},
-  booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
-  year      = {2020}
-}"""
-_VARIANTS = {"t2i": "ADAPT-T2I (the caption adapts the image regions)",
-             "i2t": "ADAPT-I2T (the image adapts the caption's words)",
-             "ensemble": "the ADAPT T2I + I2T ensemble (mean of both similarities)",
-             "mean": "the mean-pooling baseline without ADAPT (cosine of the mean region and the mean word)"}
-
-
-def model_card(
-    config: AdaptConfig,
-    *,
-    repo_id: str | None = None,
-    license: str = "other",
-    datasets: Sequence[str] = (),
-    test_report: dict[str, Any] | None = None,
-) -> str:
-    """README.md for a checkpoint: Hub YAML front matter, then data, extractor, config and metrics.
-
-    Args:
-        config: the checkpoint's config; ``config.card`` (written by training) supplies the data
-            and validation metrics.
-        repo_id: the Hub repo, for the usage snippet.
-        license: Hub licence id of the weights.
-        datasets: Hub dataset ids for the metadata.
-        test_report: a ``python -m training.evaluate --json`` report.
-    """
-    card = config.card or {}
-    data, validation, training = card.get("data", {}), card.get("validation"), card.get("training")
-    metadata = ModelCardData(library_name="adapt", license=license, tags=TAGS, datasets=list(datasets) or None,
-                             metrics=["recall"])
-    source = repo_id or "path/to/checkpoint"
-    variant = _VARIANTS.get(config.similarity, f"ADAPT ({config.similarity})")
-    lines = [
-        f"# {repo_id.split('/')[-1] if repo_id else 'ADAPT image-text retrieval'}", "",
-        f"{variant} for image-text retrieval, from Wehrmann et al., *Adaptive Cross-modal Embeddings for "
-        f"Image-Text Alignment*, AAAI 2020 ([paper]({PAPER})), trained with the `adapt` library.",
-        "",
-        "## Use", "",
-        "```python",
-        "from adapt import AdaptModel",
-        f'model = AdaptModel.from_pretrained("{source}")',
-        "scores = model.score(region_features, captions).scores  # (n_images, n_captions)",
-        "```", "",
-        f"`region_features` is `(n_images, n_regions, {config.region_dim})`: it must come from the same region "
-        "extractor as the training features (below); features of another detector silently ruin recall.", "",
-        "## Region features", "",
-    ]
-    if config.extractor:
-        lines += ["Extracted with (`config.extractor`, checked by the app before it scores):", "", "```json",
-                  json.dumps(config.extractor, indent=2, sort_keys=True), "```"]
-    else:
-        lines += ["Trained on precomputed features of unknown origin (e.g. the SCAN / VSE \"precomp\" bottom-up-"
-                  "attention features, 36 x 2048 per image). The checkpoint cannot extract such features from "
-                  "new images by itself."]
-    lines += ["", "## Training data", ""]
-    if data:
-        lines += [f"- dataset: {data.get('name', 'unknown')} (`{data.get('path', '?')}`, split "
-                  f"`{data.get('train_split', 'train')}`)",
-                  f"- {data.get('train_images', '?')} images, {data.get('train_captions', '?')} captions, "
-                  f"{data.get('regions_per_image', '?')} regions per image"]
-    else:
-        lines += ["Not recorded in this checkpoint."]
-    if training:
-        optim = training.get("optim", {})
-        lines += [f"- {training.get('optimizer', 'Adamax')}, lr {optim.get('lr')}, warm-up x{optim.get('warmup_start')}"
-                  f" -> x{optim.get('warmup_end')} over {optim.get('warmup_iterations')} iterations, x"
-                  f"{optim.get('decay_factor')} at {optim.get('decay_at')}, gradient clip {optim.get('grad_clip')}, "
-                  f"batch {training.get('batch_size')}, hinge loss margin {training.get('loss', {}).get('margin')} "
-                  f"(sum -> max of violations, eta {training.get('loss', {}).get('eta')})"]
-    lines += ["", "## Architecture", "", "| | |", "|---|---|",
-              f"| similarity | `{config.similarity}` (fovea lambda T2I {config.lambda_t2i}, I2T {config.lambda_i2t}) |",
-              f"| joint space | {config.latent_size} |",
-              f"| region features | {config.region_dim}-d |",
-              f"| text encoder | `{config.text_encoder}`" + (
-                  f", word vectors `{config.word_vectors}` + {config.word_dim}-d trainable, "
-                  f"{len(config.vocab)} words |" if config.text_encoder == "gru"
-                  else f" `{config.transformer_name}` |"),
-              f"| normalisation | `{config.normalization}` |", "", "## Results", ""]
-    if validation:
-        lines += [f"Validation ({validation.get('split')}, {validation.get('images')} images, "
-                  f"{validation.get('captions')} captions; best of training, iteration {validation.get('iteration')}):",
-                  "", markdown_table({"validation": validation["metrics"]}), ""]
-    if test_report:
-        lines += [f"Test (`{test_report.get('split')}`; `python -m training.evaluate`):", "",
-                  markdown_table({name: p["metrics"] for name, p in test_report["protocols"].items()}), ""]
-    if not validation and not test_report:
-        lines += ["No metrics recorded.", ""]
-    lines += [
-        "R@K in percent; ranks are 1-based; rsum is the sum of the six recalls. Image→Text ranks the captions of "
-        "each image (its best own caption counts), Text→Image the images of each caption.", "",
-        "## Intended use and limitations", "",
-        "Research on image-text retrieval: ranking captions for an image, searching images by text, inspecting "
-        "which regions or words the model attends to. The model only knows the English captions and image "
-        "distribution it was trained on (Flickr30k / COCO photos are mostly everyday scenes from Western "
-        "photographers), inherits their biases, and is not meant for decisions about people, identification "
-        "or surveillance.", "",
-        "## Licence", "",
-        f"Weights: `{license}`. The training images and captions keep their own terms (Flickr30k: non-commercial "
-        "research use; COCO: annotations CC BY 4.0, images under their Flickr licences).", "",
-        "## Citation", "", "```bibtex", CITATION, "```", ""]
-    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
+from adapt import AdaptModel, CheckpointError
+from training.card import model_card
 
 
 def stage(
@@ -197,6 +89,7 @@ def publish(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.push``; returns the exit status (argument errors exit with 2)."""
     parser = argparse.ArgumentParser(prog="python -m training.push", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder, e.g. runs/f30k_t2i/best")
