@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from training.datasets import scenes
+from training.datasets.scenes import layout
 from training.datasets.scenes import (
     NOVEL_CATEGORIES,
     NOVEL_TEMPLATES,
@@ -215,7 +216,7 @@ def test_boxes_are_where_the_cut_outs_are(dataset: tuple[Path, dict], stamps_dir
                 assert abs(xs.max() + 1 - x2) <= 1 and abs(ys.max() + 1 - y2) <= 1
             for i, a in enumerate(record["boxes"]):
                 for b in record["boxes"][i + 1:]:
-                    assert scenes._apart(tuple(a), tuple(b), 1)
+                    assert layout._apart(tuple(a), tuple(b), 1)
 
 
 def test_test_novel_shares_no_category_object_or_template_with_training(dataset: tuple[Path, dict]) -> None:
