@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from adapt import AdaptModel, CheckpointError, pick_device
+from adapt.similarity import DEFAULT_MEMORY_BUDGET_MB
 from training.data import CAPTIONS_PER_IMAGE, DatasetError, Split, load_split
 from training.metrics import fold_slices, markdown_table, mean_metrics, retrieval_metrics
 
@@ -34,7 +35,7 @@ def score_matrix(
     model: AdaptModel,
     split: Split,
     *,
-    memory_budget_mb: float = 256.0,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     progress: bool = True,
 ) -> torch.Tensor:
     """All ``(n_images, n_captions)`` scores of a split, on the CPU, in eval mode.
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images (and their captions)")
     parser.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--memory-budget-mb", type=float, default=256.0,
+    parser.add_argument("--memory-budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB,
                         help="bound on the pair tensors alive at once while scoring (default 256)")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")

@@ -71,9 +71,8 @@ from adapt.regions import (  # noqa: E402
     identity_differences,
     load_image,
 )
+from training.data import CAPTIONS_PER_IMAGE, EXTRACTOR_FILE  # noqa: E402
 
-CAPTIONS_PER_IMAGE = 5
-EXTRACTOR_FILE = "extractor.json"
 # Karpathy split names -> precomp split names.
 KARPATHY_SPLITS = {"val": "dev", "restval": "train"}
 TEXT_FILES = ("caps", "ids", "skipped")
