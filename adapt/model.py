@@ -28,11 +28,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded: missing, corrupt, or not matching its config."""
 
 
-def pick_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class AdaptModel(
     nn.Module,
     PyTorchModelHubMixin,

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapt.model import AdaptModel, pick_device
+from adapt.device import pick_device
+from adapt.model import AdaptModel
 from adapt.regions import (
     ImageSource,
     RegionExtractor,

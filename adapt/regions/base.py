@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes, roi_align
 
-from adapt.model import pick_device
+from adapt.device import pick_device
 from adapt.regions.coco_names import coco_name
 from adapt.regions.image import ImageSource, load_image
 
