@@ -25,6 +25,8 @@ from adapt.regions.image import ImageSource, load_image
 
 DEFAULT_NUM_REGIONS = 36
 GEOMETRY_DIM = 5
+# Detector class scores appended with ``with_labels``: one slot per COCO category id 1-90.
+LABEL_DIM = 90
 FILL_LABEL = ""
 # Images are first shrunk to this longest side: every backend works at a lower resolution anyway,
 # and it bounds memory and time for huge (up to max_pixels) inputs. Boxes are mapped back.
@@ -98,7 +100,13 @@ class RegionExtractor(ABC):
     Args:
         num_regions: ``k``, the number of regions per image (36 in the paper).
         with_geometry: append each box's normalised geometry ``(x1/W, y1/H, x2/W, y2/H, area
-            fraction)`` to its feature, so ``feature_dim = backbone_dim + 5``.
+            fraction)`` to its feature (the last 5 dimensions).
+        with_labels: append the detector's class scores (:data:`LABEL_DIM` slots, COCO ids 1-90):
+            a detection's score in its class's slot; the whole-image region holds, per class, the
+            best score among the image's kept detections; fills hold zeros. They come right after
+            the backbone dimensions, so ``feature_dim = backbone_dim (+ 90) (+ 5)``.
+        whole_image: make the first region the whole image (then up to ``num_regions - 1``
+            detections, then fills): the whole-image view carries the scene's context.
         score_threshold: detections scoring below this are dropped before NMS.
         nms_iou: IoU above which class-agnostic NMS drops the lower-scoring box.
         max_pixels: refuse larger images (see :func:`adapt.regions.load_image`).
@@ -117,6 +125,8 @@ class RegionExtractor(ABC):
         nms_iou: float,
         max_pixels: int,
         device: torch.device | str | None,
+        with_labels: bool = False,
+        whole_image: bool = False,
     ) -> None:
         if num_regions < 1:
             raise ValueError(f"num_regions must be at least 1, got {num_regions}")
@@ -126,6 +136,8 @@ class RegionExtractor(ABC):
             raise ValueError(f"nms_iou must lie in (0, 1], got {nms_iou}")
         self.num_regions = int(num_regions)
         self.with_geometry = bool(with_geometry)
+        self.with_labels = bool(with_labels)
+        self.whole_image = bool(whole_image)
         self.score_threshold = float(score_threshold)
         self.nms_iou = float(nms_iou)
         self.max_pixels = int(max_pixels)
@@ -134,20 +146,25 @@ class RegionExtractor(ABC):
     @property
     def feature_dim(self) -> int:
         """Size D of one region feature."""
-        return self.backbone_dim + (GEOMETRY_DIM if self.with_geometry else 0)
+        return self.backbone_dim + (LABEL_DIM if self.with_labels else 0) + (GEOMETRY_DIM if self.with_geometry else 0)
 
     @property
     def identity(self) -> dict[str, Any]:
         """A JSON-able description of everything that shapes the features (see :func:`check_extractor`)."""
+        # The two options appear only when on, so identities written before they existed still match.
+        options = {"with_labels": True} if self.with_labels else {}
+        selection = {"whole_image": True} if self.whole_image else {}
         return {
             "name": self.name,
             "format": IDENTITY_FORMAT,
             "num_regions": self.num_regions,
             "feature_dim": self.feature_dim,
             "with_geometry": self.with_geometry,
+            **options,
             "selection": {
                 "score_threshold": self.score_threshold,
                 "nms_iou": self.nms_iou,
+                **selection,
                 "fill": "whole image, then 2x2, 3x3, ... grids",
             },
             "pooling": {"roi_align": ROI_OUTPUT_SIZE, "sampling_ratio": ROI_SAMPLING_RATIO, "reduce": "mean"},
@@ -164,6 +181,8 @@ class RegionExtractor(ABC):
         """
         selection = identity["selection"]
         return {"num_regions": identity["num_regions"], "with_geometry": identity["with_geometry"],
+                "with_labels": identity.get("with_labels", False),
+                "whole_image": selection.get("whole_image", False),
                 "score_threshold": selection["score_threshold"], "nms_iou": selection["nms_iou"]}
 
     def extract(self, image: ImageSource) -> Regions:
@@ -202,22 +221,26 @@ class RegionExtractor(ABC):
         candidates = torch.nonzero(scores >= self.score_threshold).flatten()
         # A box under one pixel wide or high holds no image content to pool.
         candidates = candidates[remove_small_boxes(boxes[candidates], 1.0)]
-        kept = candidates[nms(boxes[candidates], scores[candidates], self.nms_iou)[: self.num_regions]]
-        n_fill = self.num_regions - len(kept)
+        n_whole = int(self.whole_image)
+        kept = candidates[nms(boxes[candidates], scores[candidates], self.nms_iou)[: self.num_regions - n_whole]]
+        n_fill = self.num_regions - n_whole - len(kept)
 
-        work_boxes = torch.cat([boxes[kept], fill_boxes(n_fill, work_w, work_h)])
+        whole = fill_boxes(n_whole, work_w, work_h)
+        work_boxes = torch.cat([whole, boxes[kept], fill_boxes(n_fill, work_w, work_h)])
         features = pool_regions(det.feature_map, work_boxes, det.feature_scale)
         to_image = torch.tensor([width / work_w, height / work_h] * 2)
         image_boxes = clip_boxes_to_image(work_boxes * to_image, (height, width))
+        class_ids = det.class_ids.cpu()[kept].long()
+        if self.with_labels:
+            features = torch.cat([features, label_scores(class_ids, scores[kept], n_whole, n_fill)], dim=1)
         if self.with_geometry:
             features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
-        class_ids = det.class_ids.cpu()[kept].tolist()
         return Regions(
             boxes=image_boxes.numpy().astype(np.float32),
             features=features.numpy().astype(np.float32),
-            labels=[coco_name(int(c)) for c in class_ids] + [FILL_LABEL] * n_fill,
-            scores=torch.cat([scores[kept], torch.zeros(n_fill)]).numpy().astype(np.float32),
-            is_fill=np.arange(self.num_regions) >= len(kept),
+            labels=[FILL_LABEL] * n_whole + [coco_name(int(c)) for c in class_ids] + [FILL_LABEL] * n_fill,
+            scores=torch.cat([torch.zeros(n_whole), scores[kept], torch.zeros(n_fill)]).numpy().astype(np.float32),
+            is_fill=np.array([True] * n_whole + [False] * len(kept) + [True] * n_fill),
             image_size=(width, height),
         )
 
@@ -246,6 +269,26 @@ def fill_boxes(count: int, width: float, height: float) -> torch.Tensor:
         ]
         grid += 1
     return torch.tensor(cells[:count], dtype=torch.float32).reshape(count, 4)
+
+
+def label_scores(class_ids: torch.Tensor, scores: torch.Tensor, n_whole: int, n_fill: int) -> torch.Tensor:
+    """Detector class scores of each region (see ``with_labels`` in :class:`RegionExtractor`).
+
+    Args:
+        class_ids: (n,) COCO ids (1-90) of the kept detections; ids outside 1-90 get no slot.
+        scores: (n,) their scores.
+        n_whole: 1 when a whole-image region comes first (it gets each class's best score), else 0.
+        n_fill: fill regions after the detections (all zeros).
+
+    Returns:
+        (n_whole + n + n_fill, :data:`LABEL_DIM`) float32.
+    """
+    detections = torch.zeros(len(class_ids), LABEL_DIM)
+    valid = (class_ids >= 1) & (class_ids <= LABEL_DIM)
+    rows = torch.arange(len(class_ids))[valid]
+    detections[rows, class_ids[valid] - 1] = scores[valid].float()
+    whole = detections.amax(dim=0, keepdim=True) if len(class_ids) else torch.zeros(1, LABEL_DIM)
+    return torch.cat([whole[:n_whole], detections, torch.zeros(n_fill, LABEL_DIM)])
 
 
 def pool_regions(feature_map: torch.Tensor, boxes: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:

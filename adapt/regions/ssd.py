@@ -49,7 +49,7 @@ class SsdEfficientNetExtractor(RegionExtractor):
     detection, half features (``benchmarks/extract_speed.py``).
 
     Args:
-        num_regions, with_geometry, max_pixels, device: see :class:`RegionExtractor`.
+        num_regions, with_geometry, with_labels, whole_image, max_pixels, device: see :class:`RegionExtractor`.
         score_threshold: 0.01, the graph's own floor: SSD yields up to 100 scored boxes, and low
             ones still mark distinct image parts, so 36 real boxes are nearly always available.
         nms_iou: class-agnostic NMS threshold; the graph only suppresses within a class.
@@ -63,6 +63,8 @@ class SsdEfficientNetExtractor(RegionExtractor):
         self,
         num_regions: int = DEFAULT_NUM_REGIONS,
         with_geometry: bool = False,
+        with_labels: bool = False,
+        whole_image: bool = False,
         score_threshold: float = 0.01,
         nms_iou: float = 0.5,
         short_side: int = 384,
@@ -70,7 +72,8 @@ class SsdEfficientNetExtractor(RegionExtractor):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_regions=num_regions, with_geometry=with_geometry, score_threshold=score_threshold,
+        super().__init__(num_regions=num_regions, with_geometry=with_geometry, with_labels=with_labels,
+                         whole_image=whole_image, score_threshold=score_threshold,
                          nms_iou=nms_iou, max_pixels=max_pixels, device=device)
         if not BACKBONE_STRIDE <= short_side <= max_side:
             raise ValueError(f"need {BACKBONE_STRIDE} <= short_side <= max_side, got {short_side}, {max_side}")
