@@ -140,8 +140,8 @@ def image_vectors(model: AdaptModel, kind: FirstStage, regions: torch.Tensor) ->
     """
     if kind == "mean":
         return F.normalize(regions.mean(dim=1), dim=-1)
-    normed = model.similarity.heads["t2i"].norm(regions.transpose(1, 2))  # (n, d, n_regions)
-    return torch.cat([normed.amax(dim=-1), normed.amin(dim=-1)], dim=-1)
+    normed = model.similarity.heads["t2i"].prepare_images(regions)  # (n, n_regions, d)
+    return torch.cat([normed.amax(dim=1), normed.amin(dim=1)], dim=-1)
 
 
 def caption_queries(
@@ -152,11 +152,10 @@ def caption_queries(
     ``words (n, t, d)`` encoded and ``mask (n, t)`` -> ``(n, 3d)`` float32 ``[q, s, beta]`` for
     ``"fovea-max"``, ``(n, d)`` unit ``q`` for ``"mean"``.
     """
-    query = masked_mean(words, mask)
     if kind == "mean":
-        return F.normalize(query, dim=-1).detach().float().cpu().numpy()
-    scale, shift = model.similarity.heads["t2i"].adapt.modulation(query)
-    return torch.cat([query, scale, shift], dim=-1).detach().float().cpu().numpy()
+        return F.normalize(masked_mean(words, mask), dim=-1).detach().float().cpu().numpy()
+    captions = model.similarity.heads["t2i"].prepare_queries(words, mask)
+    return torch.cat([captions.query, captions.scale, captions.shift], dim=-1).detach().float().cpu().numpy()
 
 
 def ann_queries(kind: FirstStage, queries: np.ndarray) -> np.ndarray:

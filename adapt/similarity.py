@@ -17,7 +17,7 @@ of ``M`` is a softmax over the locals, so the average is again a distribution ov
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +96,34 @@ def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (features * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-class TextToImage(nn.Module):
-    """ADAPT-T2I: the caption's mean word vector adapts the image regions (paper, eq. 1-4).
+class Modulation(NamedTuple):
+    """Global vectors of one modality and the ADAPT parameters they give, each ``(n, d)``.
 
-    For caption ``q`` (mean of its valid words) and image regions ``B`` (after BatchNorm):
-    ``score = cos(mean_i fovea(B_i * (gamma(q) + 1) + beta(q)), q)``.
+    Attributes:
+        query: the global vectors ``q``.
+        scale: ``gamma(q) + 1``.
+        shift: ``beta(q)``.
+        query_unit: ``q / |q|``, what the pooled locals are compared with.
+    """
+
+    query: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    query_unit: torch.Tensor
+
+
+class AdaptHead(nn.Module):
+    """What both ADAPT directions share: the normalisation of the adapted modality's locals, the
+    ADAPT layer driven by the other modality's global vector, and the fovea.
+
+    Subclasses score all pairs with ``forward(regions (n_images, n_regions, d), words
+    (n_captions, n_tokens, d), word_mask (n_captions, n_tokens), *, memory_budget_mb,
+    return_attention)`` -> ``scores (n_images, n_captions)`` and the attention or ``None``.
+
+    Args:
+        latent_size: ``d``.
+        smooth: the fovea's ``lambda``.
+        normalization: ``"batchnorm"`` or ``"none"`` (see :class:`~adapt.config.AdaptConfig`).
     """
 
     def __init__(self, latent_size: int, smooth: float, normalization: str) -> None:
@@ -109,11 +132,37 @@ class TextToImage(nn.Module):
         self.adapt = Adapt(latent_size, latent_size)
         self.fovea = Fovea(smooth)
 
+    def modulate(self, query: torch.Tensor) -> Modulation:
+        """The :class:`Modulation` of global vectors ``query (n, d)``."""
+        scale, shift = self.adapt.modulation(query)
+        return Modulation(query, scale, shift, F.normalize(query, dim=-1))
+
+
+class TextToImage(AdaptHead):
+    """ADAPT-T2I: the caption's mean word vector adapts the image regions (paper, eq. 1-4).
+
+    For caption ``q`` (mean of its valid words) and image regions ``B`` (after BatchNorm):
+    ``score = cos(mean_i fovea(B_i * (gamma(q) + 1) + beta(q)), q)``. :meth:`prepare_images` and
+    :meth:`prepare_queries` are the only place that computes ``B`` and ``q``: the blockwise and
+    fused paths here and gallery search (:mod:`adapt.search`) all start from them.
+    """
+
+    def prepare_images(self, regions: torch.Tensor) -> torch.Tensor:
+        """The normalised regions ``B``: ``(n_images, n_regions, d)`` encoded -> same shape,
+        contiguous. BatchNorm runs over all images and regions at once, as in the reference."""
+        return self.norm(regions.transpose(1, 2)).transpose(1, 2).contiguous()
+
+    def prepare_queries(self, words: torch.Tensor, word_mask: torch.Tensor) -> Modulation:
+        """Each caption's :class:`Modulation`, ``(n_captions, d)`` fields, from its encoded
+        ``words (n_captions, n_tokens, d)``: ``q`` is the mean of the ``word_mask`` tokens."""
+        return self.modulate(masked_mean(words, word_mask))
+
     def forward(
         self,
         regions: torch.Tensor,
         words: torch.Tensor,
         word_mask: torch.Tensor,
+        *,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -131,11 +180,9 @@ class TextToImage(nn.Module):
             (``None`` unless asked for).
         """
         n_images, n_regions, d = regions.shape
-        # BatchNorm over all images and regions, once (the reference does it before its loop).
-        images = self.norm(regions.transpose(1, 2)).transpose(1, 2).contiguous()  # (n_images, r, d)
-        query = masked_mean(words, word_mask)
-        scale, shift = self.adapt.modulation(query)  # (n_captions, d) each
-        query_unit = F.normalize(query, dim=-1)
+        images = self.prepare_images(regions)
+        captions = self.prepare_queries(words, word_mask)
+        scale, shift, query_unit = captions.scale, captions.shift, captions.query_unit
         if not return_attention and fused.usable(images, scale, differentiable=True):
             return fused.t2i_scores(images, scale, shift, query_unit, self.fovea.smooth), None
 
@@ -150,12 +197,12 @@ class TextToImage(nn.Module):
 
         pair_bytes = n_regions * d * regions.element_size()
         scores, attention = _blockwise(
-            len(query), n_images, pair_bytes, memory_budget_mb, block
+            len(words), n_images, pair_bytes, memory_budget_mb, block
         )
         return scores.t(), None if attention is None else attention.transpose(0, 1)
 
 
-class ImageToText(nn.Module):
+class ImageToText(AdaptHead):
     """ADAPT-I2T: the image's mean region vector adapts the caption's words.
 
     For image ``q`` (mean of its regions) and words ``W`` (after BatchNorm):
@@ -169,24 +216,40 @@ class ImageToText(nn.Module):
     def __init__(
         self, latent_size: int, smooth: float, normalization: str, reference_padding: bool = False
     ) -> None:
-        super().__init__()
-        self.norm = _normalization(normalization, latent_size)
-        self.adapt = Adapt(latent_size, latent_size)
-        self.fovea = Fovea(smooth)
+        super().__init__(latent_size, smooth, normalization)
         self.reference_padding = reference_padding
 
-    def _normalize_words(self, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    def prepare_captions(
+        self, words: torch.Tensor, word_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The normalised words ``W`` and which of them count.
+
+        Args:
+            words: ``(n_captions, n_tokens, d)`` encoded words.
+            word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
+
+        Returns:
+            ``(n_captions, t, d)`` contiguous normalised words and their ``(n_captions, t)`` mask;
+            with ``reference_padding``, ``t`` is at most 34 and the mask ``None`` (padding counts).
+        """
         if self.reference_padding:
-            return self.norm(words.transpose(1, 2)).transpose(1, 2)
+            words = words[:, :REFERENCE_MAX_TOKENS]
+            return self.norm(words.transpose(1, 2)).transpose(1, 2).contiguous(), None
         # Statistics over real tokens only; padding stays exactly zero.
         normed = self.norm(words[word_mask])
-        return torch.zeros_like(words).index_put((word_mask,), normed)
+        return torch.zeros_like(words).index_put((word_mask,), normed), word_mask
+
+    def prepare_queries(self, regions: torch.Tensor) -> Modulation:
+        """Each image's :class:`Modulation`, ``(n_images, d)`` fields, from its encoded
+        ``regions (n_images, n_regions, d)``: ``q`` is their mean."""
+        return self.modulate(regions.mean(dim=1))
 
     def forward(
         self,
         regions: torch.Tensor,
         words: torch.Tensor,
         word_mask: torch.Tensor,
+        *,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,15 +259,10 @@ class ImageToText(nn.Module):
             ``scores (n_images, n_captions)`` and ``attention (n_images, n_captions, n_tokens)``
             (``None`` unless asked for).
         """
-        if self.reference_padding:
-            words = words[:, :REFERENCE_MAX_TOKENS]
-            word_mask = word_mask[:, :REFERENCE_MAX_TOKENS]
-        n_captions, n_tokens, d = words.shape
-        captions = self._normalize_words(words, word_mask).contiguous()  # (n_captions, t, d)
-        query = regions.mean(dim=1)
-        scale, shift = self.adapt.modulation(query)  # (n_images, d) each
-        query_unit = F.normalize(query, dim=-1)
-        local_mask = None if self.reference_padding else word_mask
+        captions, local_mask = self.prepare_captions(words, word_mask)
+        n_captions, n_tokens, d = captions.shape
+        images = self.prepare_queries(regions)
+        scale, shift, query_unit = images.scale, images.shift, images.query_unit
         if not return_attention and fused.usable(captions, scale):
             lengths = word_mask.sum(1) if local_mask is not None else torch.full(
                 (n_captions,), n_tokens)  # real tokens come first: tokenizers pad at the end
@@ -224,7 +282,7 @@ class ImageToText(nn.Module):
             return score, mask.mean(dim=-1) if return_attention else None
 
         pair_bytes = n_tokens * d * words.element_size()
-        return _blockwise(len(query), n_captions, pair_bytes, memory_budget_mb, block)
+        return _blockwise(len(regions), n_captions, pair_bytes, memory_budget_mb, block)
 
 
 class MeanPooled(nn.Module):
@@ -238,6 +296,7 @@ class MeanPooled(nn.Module):
         regions: torch.Tensor,
         words: torch.Tensor,
         word_mask: torch.Tensor,
+        *,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, None]:
@@ -303,7 +362,8 @@ class AdaptiveSimilarity(nn.Module):
         out = Scores(scores=regions.new_zeros(len(regions), len(words)))
         for name in directions:
             scores, attention = self.heads[name](
-                regions, words, word_mask, memory_budget_mb, return_attention
+                regions, words, word_mask, memory_budget_mb=memory_budget_mb,
+                return_attention=return_attention,
             )
             out.scores = out.scores + scores / len(directions)
             if return_attention and name == "t2i":

@@ -55,30 +55,29 @@ def head(direction: str) -> torch.nn.Module:
 
 def loop_t2i(module: TextToImage, regions, words, mask) -> torch.Tensor:
     """The reference's shape: BatchNorm once, then per caption FiLM + fovea + mean + cosine."""
-    images = module.norm(regions.transpose(1, 2))  # (n_images, d, r), as the reference lays it out
+    # (n_images, d, r), laid out as the reference does
+    images = module.prepare_images(regions).transpose(1, 2).contiguous()
+    captions = module.prepare_queries(words, mask)
     scores = torch.zeros(len(regions), len(words))
     for c in range(len(words)):
-        q = words[c, mask[c]].mean(0, keepdim=True)
-        gamma, beta = module.adapt.fc_gamma(q), module.adapt.fc_beta(q)
-        adapted = images * (gamma[..., None] + 1) + beta[..., None]
+        adapted = images * captions.scale[c, :, None] + captions.shift[c, :, None]
         adapted = adapted * torch.softmax(adapted * module.fovea.smooth, dim=-1)
         pooled = F.normalize(adapted.mean(-1), dim=-1)
-        scores[:, c] = pooled @ F.normalize(q, dim=-1)[0]
+        scores[:, c] = pooled @ captions.query_unit[c]
     return scores
 
 
 def loop_i2t(module: ImageToText, regions, words, mask) -> torch.Tensor:
     """Per image: FiLM of every caption's words + fovea + max + cosine (padding masked)."""
-    normed = torch.zeros_like(words).index_put((mask,), module.norm(words[mask]))
+    normed, _ = module.prepare_captions(words, mask)
+    images = module.prepare_queries(regions)
     scores = torch.zeros(len(regions), len(words))
     for i in range(len(regions)):
-        q = regions[i].mean(0, keepdim=True)
-        gamma, beta = module.adapt.fc_gamma(q), module.adapt.fc_beta(q)
-        adapted = normed * (gamma[:, None] + 1) + beta[:, None]
+        adapted = normed * images.scale[i] + images.shift[i]
         logits = (adapted * module.fovea.smooth).masked_fill(~mask[..., None], float("-inf"))
         out = (adapted * torch.softmax(logits, dim=1)).masked_fill(~mask[..., None], float("-inf"))
         pooled = F.normalize(out.amax(1), dim=-1)
-        scores[i] = pooled @ F.normalize(q, dim=-1)[0]
+        scores[i] = pooled @ images.query_unit[i]
     return scores
 
 

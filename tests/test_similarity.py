@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from adapt.layers import Adapt, Fovea
+from torch.utils.checkpoint import checkpoint
+
 from adapt.similarity import AdaptiveSimilarity, ImageToText, TextToImage
 
 D, N_REGIONS = 16, 5
@@ -228,6 +230,33 @@ def test_fused_kernels_match_the_plain_path(direction, reference, plain_path):
     with torch.no_grad():
         assert fused.usable(regions)
         torch.testing.assert_close(sim(regions, words, mask).scores, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_checkpointed_blocks_give_the_unchunked_gradients_on_the_pytorch_path(direction, plain_path,
+                                                                              monkeypatch):
+    from adapt import similarity
+
+    blocks = []
+
+    def counted_checkpoint(block, *args, **kwargs):
+        blocks.append(args)
+        return checkpoint(block, *args, **kwargs)
+
+    monkeypatch.setattr(similarity, "checkpoint", counted_checkpoint)
+    sim = randomize(AdaptiveSimilarity((direction,), D, 10.0, 10.0, "batchnorm")).train()
+    regions, words, mask = random_inputs(n_images=6)
+    grads = {}
+    for budget in (1024, 0.004):
+        blocks.clear()
+        sim.zero_grad()
+        inputs = [regions.clone().requires_grad_(), words.clone().requires_grad_()]
+        scores = sim(*inputs, mask, memory_budget_mb=budget).scores
+        assert len(blocks) == 1 if budget == 1024 else len(blocks) >= 9  # at most 2 pairs a block
+        (scores.pow(2) * torch.arange(scores.numel()).reshape(scores.shape)).sum().backward()
+        grads[budget] = [p.grad.clone() for p in sim.parameters()] + [x.grad for x in inputs]
+    for whole, chunked in zip(grads[1024], grads[0.004], strict=True):
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
 
 
 def test_mean_pooled_baseline_is_cosine_of_means():
