@@ -206,7 +206,8 @@ class ImageToText(AdaptHead):
     """ADAPT-I2T: the image's mean region vector adapts the caption's words.
 
     For image ``q`` (mean of its regions) and words ``W`` (after BatchNorm):
-    ``score = cos(max_t fovea(W_t * (gamma(q) + 1) + beta(q)), q)``.
+    ``score = cos(max_t fovea(W_t * (gamma(q) + 1) + beta(q)), q)``. Padding may sit anywhere in
+    a caption (the fused kernel takes captions padded at the end; others take the PyTorch path).
 
     Args:
         reference_padding: reproduce the reference: cut captions to 34 tokens and include padding
@@ -264,10 +265,10 @@ class ImageToText(AdaptHead):
         images = self.prepare_queries(regions)
         scale, shift, query_unit = images.scale, images.shift, images.query_unit
         if not return_attention and fused.usable(captions, scale):
-            lengths = word_mask.sum(1) if local_mask is not None else torch.full(
-                (n_captions,), n_tokens)  # real tokens come first: tokenizers pad at the end
-            return fused.i2t_scores(captions, lengths, scale, shift, query_unit,
-                                    self.fovea.smooth), None
+            lengths = _leading_lengths(local_mask, n_captions, n_tokens)
+            if lengths is not None:
+                return fused.i2t_scores(captions, lengths, scale, shift, query_unit,
+                                        self.fovea.smooth), None
 
         def block(ims: slice, caps: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
             values = captions[caps].unsqueeze(0)  # (1, c, t, d)
@@ -283,6 +284,19 @@ class ImageToText(AdaptHead):
 
         pair_bytes = n_tokens * d * words.element_size()
         return _blockwise(len(regions), n_captions, pair_bytes, memory_budget_mb, block)
+
+
+def _leading_lengths(
+    local_mask: torch.Tensor | None, n_captions: int, n_tokens: int
+) -> torch.Tensor | None:
+    """``(n_captions,)`` valid tokens per caption when they come first in every caption, the
+    layout the fused I2T kernel reads (all ``n_tokens`` when ``local_mask`` is ``None``);
+    ``None`` when some caption has padding before a real token (e.g. padded on the left)."""
+    if local_mask is None:
+        return torch.full((n_captions,), n_tokens)
+    lengths = local_mask.sum(1)
+    leading = torch.arange(n_tokens, device=local_mask.device) < lengths[:, None]
+    return lengths if torch.equal(leading, local_mask) else None
 
 
 class MeanPooled(nn.Module):

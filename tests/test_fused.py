@@ -138,3 +138,30 @@ def test_both_directions_match_the_plain_path_in_double(set_fused):
         with torch.no_grad():
             scores[on] = sim(regions, words, mask).scores
     torch.testing.assert_close(scores[True], scores[False], atol=1e-12, rtol=1e-12)
+
+
+def test_i2t_left_padded_captions_skip_the_kernel_and_score_like_right_padded_ones(set_fused, monkeypatch):
+    torch.manual_seed(0)
+    sim = AdaptiveSimilarity(("i2t",), 16, 10.0, 5.0, "batchnorm").double().eval()
+    g = torch.Generator().manual_seed(5)
+    regions = torch.randn(5, 7, 16, generator=g, dtype=torch.float64)
+    lengths = [6, 2, 4]
+    right = torch.arange(6)[None] < torch.tensor(lengths)[:, None]
+    words = torch.randn(3, 6, 16, generator=g, dtype=torch.float64) * right[..., None]
+    # The same captions padded at the start: each row's real tokens move to its end.
+    left = torch.stack([torch.roll(right[c], 6 - n) for c, n in enumerate(lengths)])
+    left_words = torch.stack([torch.roll(words[c], 6 - n, dims=0) for c, n in enumerate(lengths)])
+    kernel, calls = fused.i2t_scores, []
+    monkeypatch.setattr(fused, "i2t_scores", lambda *args: calls.append(args) or kernel(*args))
+    scores = {}
+    for on in (True, False):
+        set_fused(on)
+        with torch.no_grad():
+            scores[on] = sim(regions, left_words, left).scores
+    assert calls == [], "the kernel reads the real tokens first: left padding must take the PyTorch path"
+    torch.testing.assert_close(scores[True], scores[False], atol=1e-12, rtol=1e-12)
+    set_fused(True)
+    with torch.no_grad():
+        right_padded = sim(regions, words, right).scores
+    assert len(calls) == 1
+    torch.testing.assert_close(scores[True], right_padded, atol=1e-12, rtol=1e-12)
