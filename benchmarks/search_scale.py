@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapt import AdaptConfig, AdaptModel, HingeLoss, build_vocab  # noqa: E402
+from adapt import AdaptConfig, AdaptModel, build_vocab  # noqa: E402
 from adapt.search import (  # noqa: E402
     ANN_MIN_ROWS,
     DEFAULT_CANDIDATES,
@@ -55,6 +55,7 @@ from adapt.search import (  # noqa: E402
     GalleryIndex,
     SearchResult,
 )
+from training.synthetic import ConceptImages, concept_images, concept_prototypes, train_briefly  # noqa: E402
 
 LATENT, REGIONS, REGION_DIM = 256, 36, 64
 N_CONCEPTS, CONCEPTS_PER_IMAGE, NOISE = 200, 3, 0.5
@@ -62,19 +63,9 @@ ADD_CHUNK = 50_000  # images generated and added per call: bounds RAM, not the g
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def prototypes() -> np.ndarray:
-    """``(N_CONCEPTS, REGION_DIM)`` concept prototypes, the same in every run."""
-    return np.random.default_rng(99).normal(size=(N_CONCEPTS, REGION_DIM)).astype(np.float32)
-
-
-def concept_images(n: int, seed: int, protos: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """``n`` images ``(n, REGIONS, REGION_DIM)`` float32 and a caption naming each one's concepts."""
-    rng = np.random.default_rng(seed)
-    features = rng.normal(scale=NOISE, size=(n, REGIONS, REGION_DIM)).astype(np.float32)
-    concepts = np.argsort(rng.random((n, N_CONCEPTS)), axis=1)[:, :CONCEPTS_PER_IMAGE]
-    slots = np.argsort(rng.random((n, REGIONS)), axis=1)[:, :CONCEPTS_PER_IMAGE]
-    features[np.arange(n)[:, None], slots] += protos[concepts]
-    return features, [" ".join(f"thing{c}" for c in row) for row in concepts]
+def gallery_images(n: int, seed: int, protos: np.ndarray) -> ConceptImages:
+    """``n`` images ``(n, REGIONS, REGION_DIM)`` and a caption naming each one's concepts."""
+    return concept_images(n, protos, REGIONS, seed, CONCEPTS_PER_IMAGE, NOISE)
 
 
 def train_model(protos: np.ndarray, steps: int, batch: int) -> AdaptModel:
@@ -83,16 +74,8 @@ def train_model(protos: np.ndarray, steps: int, batch: int) -> AdaptModel:
     config = AdaptConfig(region_dim=REGION_DIM, latent_size=LATENT, similarity="t2i", word_vectors="random",
                          word_dim=32, vocab=build_vocab(f"thing{c}" for c in range(N_CONCEPTS)),
                          card={"data": "benchmarks/search_scale.py synthetic concepts"})
-    model = AdaptModel(config).train()
-    loss_fn = HingeLoss()
-    optimizer = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=4e-3)
-    for step in range(steps):
-        features, captions = concept_images(batch, 10_000_000 + step, protos)
-        loss = loss_fn(model(torch.from_numpy(features), captions).scores)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    fresh = (gallery_images(batch, 10_000_000 + step, protos) for step in range(steps))
+    return train_briefly(AdaptModel(config), ((images.features, images.captions) for images in fresh), lr=4e-3).eval()
 
 
 def load_or_train(folder: Path, protos: np.ndarray, steps: int, batch: int) -> AdaptModel:
@@ -113,7 +96,7 @@ def grow(index: GalleryIndex, size: int, protos: np.ndarray) -> float:
     start = time.perf_counter()
     while len(index) < size:
         n = min(ADD_CHUNK, size - len(index))
-        features, _ = concept_images(n, len(index), protos)  # seeded by position: reproducible
+        features = gallery_images(n, len(index), protos).features  # seeded by position: reproducible
         index.add(features, None, [f"synthetic-{len(index) + i}" for i in range(n)])
     return time.perf_counter() - start
 
@@ -243,9 +226,9 @@ def main() -> None:
         sys.exit(f"{args.work} has {free / 2**30:.1f} GiB free, the galleries need "
                  f"{1.1 * per_image * images_on_disk / 2**30:.1f} GiB: pass --work on a larger disk or smaller --sizes")
 
-    protos = prototypes()
+    protos = concept_prototypes(N_CONCEPTS, REGION_DIM)
     model = load_or_train(args.work / "model", protos, args.train_steps, args.train_batch)
-    captions = concept_images(args.queries, 123_456, protos)[1]
+    captions = gallery_images(args.queries, 123_456, protos).captions
     indexes: dict[str, GalleryIndex | None] = {}
     for kind in FIRST_STAGES:
         shutil.rmtree(args.work / kind, ignore_errors=True)

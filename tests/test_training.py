@@ -1,8 +1,8 @@
 """Datasets, training (learning, exact resume, config handling), evaluation and the CLIs' errors.
 
-Training runs on synthetic "concept" data generated here: each image's regions include noisy
-prototypes of 3 of 12 concepts, and its captions name those concepts, so a tiny model learns to
-retrieve within a hundred iterations on a CPU.
+Training runs on synthetic "concept" data (:mod:`training.synthetic`) written as precomp files here:
+each image's regions include noisy prototypes of 3 of 12 concepts, and its captions name those
+concepts, so a tiny model learns to retrieve within a hundred iterations on a CPU.
 """
 
 import json
@@ -24,6 +24,7 @@ from training.evaluate import main as evaluate_main
 from training.metrics import fold_slices, retrieval_metrics
 from training.schedule import WarmupStepSchedule
 from training.state import read_training_state
+from training.synthetic import concept_images, concept_prototypes
 from training.train import Trainer, build_model
 from training.train import main as train_main
 
@@ -44,18 +45,15 @@ def one_thread():
 
 
 def write_concept_dataset(root: Path, sizes=(("train", 80), ("dev", 20)), seed=0) -> Path:
-    """Precomp files of synthetic concept images; returns ``root``."""
+    """Precomp files of synthetic concept images, 5 captions each; returns ``root``."""
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    prototypes = rng.normal(size=(len(CONCEPTS), REGION_DIM))
-    for split, n in sizes:
-        features = rng.normal(size=(n, N_REGIONS, REGION_DIM)).astype(np.float32)  # background regions
-        captions = []
-        for i in range(n):
-            chosen = rng.choice(len(CONCEPTS), 3, replace=False)
-            features[i, rng.permutation(N_REGIONS)[:3]] = prototypes[chosen] + 0.3 * rng.normal(size=(3, REGION_DIM))
-            captions += [t.format(*[CONCEPTS[c] for c in rng.permutation(chosen)]) for t in TEMPLATES]
-        np.save(root / f"{split}_ims.npy", features)
+    rng = np.random.default_rng(seed)  # the order in which each caption names the concepts
+    prototypes = concept_prototypes(len(CONCEPTS), REGION_DIM, seed)
+    for index, (split, n) in enumerate(sizes):
+        images = concept_images(n, prototypes, N_REGIONS, (seed, index))
+        captions = [t.format(*[CONCEPTS[c] for c in rng.permutation(shown)])
+                    for shown in images.concepts for t in TEMPLATES]
+        np.save(root / f"{split}_ims.npy", images.features)
         (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n")
     return root
 
@@ -148,6 +146,20 @@ def test_collate_reads_rows_and_tokenizes(concept_data):
     assert batch.image_index.tolist() == [1, 0, 19]
     assert torch.equal(batch.features, torch.from_numpy(np.asarray(split.features[[1, 0, 19]])))
     assert torch.equal(batch.tokens.ids, model.tokenize([split.captions[i] for i in (7, 0, 99)]).ids)
+
+
+def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path, concept_data):
+    def epoch_batches(workers):
+        folder = tmp_path / f"workers{workers}"
+        folder.mkdir()
+        trainer = Trainer(load_config(tiny_config(folder, concept_data), [f"train.workers={workers}"]))
+        return list(trainer._loader(trainer.sampler.epoch(0)))
+
+    in_process, in_worker = epoch_batches(0), epoch_batches(1)
+    assert len(in_process) == len(in_worker) == 25
+    for a, b in zip(in_process, in_worker, strict=True):
+        assert torch.equal(a.features, b.features) and torch.equal(a.image_index, b.image_index)
+        assert torch.equal(a.tokens.ids, b.tokens.ids) and torch.equal(a.tokens.mask, b.tokens.mask)
 
 
 # -- schedule and config -------------------------------------------------------------------------
@@ -373,3 +385,20 @@ def test_evaluate_cli_errors(tmp_path, concept_data, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(other), "--split", "dev"])
     assert "features are 7-d but" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_features_of_another_extractor(tmp_path, concept_data, capsys):
+    split = load_split(concept_data, "dev")
+    model = random_model(split)
+    model.config.extractor = {"detector": "ssd-mobilenet-v2-coco", "regions": N_REGIONS}
+    model.save_pretrained(tmp_path / "ckpt")
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("dev_ims.npy", "dev_caps.txt"):
+        (other / name).write_bytes((concept_data / name).read_bytes())
+    (other / "extractor.json").write_text(json.dumps({"detector": "faster-rcnn-vg", "regions": N_REGIONS}))
+    with pytest.raises(SystemExit):
+        evaluate_main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(other), "--split", "dev"])
+    err = capsys.readouterr().err
+    assert "features come from extractor {'detector': 'faster-rcnn-vg'" in err
+    assert f"but {tmp_path / 'ckpt'} was trained on features of {{'detector': 'ssd-mobilenet-v2-coco'" in err
