@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapt import HingeLoss  # noqa: E402
+from adapt.similarity import DEFAULT_MEMORY_BUDGET_MB  # noqa: E402
 from score_speed import LATENT, REGIONS, TOKENS, head, inputs, loop_t2i  # noqa: E402
 
 METHODS = ("loop", "plain", "fused")
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--loop-batch", type=int, default=64,
                         help="batch the loop runs at; its time is scaled to --batch by pairs")
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up")
-    parser.add_argument("--budget-mb", type=float, default=256.0,
+    parser.add_argument("--budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB,
                         help="the plain path's memory budget for pair tensors")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)

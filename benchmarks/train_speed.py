@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapt import AdaptConfig, AdaptModel, HingeLoss  # noqa: E402
-from adapt.similarity import masked_mean  # noqa: E402
+from adapt.similarity import DEFAULT_MEMORY_BUDGET_MB, masked_mean  # noqa: E402
 
 BATCH, LATENT, REGIONS, REGION_DIM, TOKENS, VOCAB = 128, 1024, 36, 2048, 12, 5000
 
@@ -99,7 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method, after one warm-up step")
     parser.add_argument("--batch", type=int, default=BATCH)
-    parser.add_argument("--budget-mb", type=float, default=256.0, help="adapt's memory budget for pair tensors")
+    parser.add_argument("--budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB,
+                        help="adapt's memory budget for pair tensors")
     parser.add_argument("--child", choices=["loop", "adapt"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
