@@ -234,6 +234,7 @@ class PairBatch:
     image_index: torch.Tensor
 
     def pin_memory(self) -> "PairBatch":
+        """The batch in pinned memory (the DataLoader calls this with ``pin_memory=True``)."""
         return PairBatch(self.features.pin_memory(),
                          TokenBatch(self.tokens.ids.pin_memory(), self.tokens.mask.pin_memory()),
                          self.image_index.pin_memory())

@@ -47,6 +47,7 @@ class WarmupStepSchedule:
         return self.warmup_end * self.decay_factor ** bisect_right(sorted(self.decay_at), n)
 
     def lr_at(self, n: int) -> float:
+        """The learning rate of step ``n``."""
         return self.lr * self.multiplier(n)
 
     def apply(self, optimizer: torch.optim.Optimizer, n: int) -> float:

@@ -51,6 +51,7 @@ def noun_group(stamp: Stamp, count: int, adjective: str | None = None) -> str:
 
 
 def join_words(items: Sequence[str]) -> str:
+    """"a duck", "a duck and an owl", "a duck, an owl and two pumpkins"."""
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
@@ -66,6 +67,7 @@ class View:
 
     @classmethod
     def of(cls, scene: Scene, size: int) -> View:
+        """The view of a scene drawn ``size`` pixels square."""
         ordered = sorted(scene.placements, key=lambda p: (p.box[0], p.box[1]))
         return cls(tuple(ordered), size, scene.background)
 
@@ -85,6 +87,7 @@ class View:
         return join_words([noun_group(stamp, count, adjective) for stamp, count, adjective in self.groups(words)])
 
     def phrases(self) -> tuple[str, ...]:
+        """Each different object phrase once, from the left."""
         return tuple(stamp.phrase for stamp, _, _ in self.groups())
 
 
@@ -185,6 +188,7 @@ NOVEL_TEMPLATES: dict[str, Template] = {
 
 
 def templates_for(split: str) -> dict[str, Template]:
+    """test-novel's templates for test-novel, the seen ones for every other split."""
     return NOVEL_TEMPLATES if split == "test-novel" else SEEN_TEMPLATES
 
 

@@ -55,8 +55,10 @@ def size_class(box: Box, size: int) -> str | None:
 
 
 def horizontal_half(box: Box, size: int) -> str | None:
+    """"left" or "right" when the box lies wholly in that half of the picture, else None."""
     return "left" if box[2] <= size / 2 else "right" if box[0] >= size / 2 else None
 
 
 def vertical_half(box: Box, size: int) -> str | None:
+    """"top" or "bottom" when the box lies wholly in that half of the picture, else None."""
     return "top" if box[3] <= size / 2 else "bottom" if box[1] >= size / 2 else None

@@ -46,6 +46,7 @@ class StampImages:
         self._images: dict[str, Image.Image] = {}
 
     def get(self, stamp: Stamp) -> Image.Image:
+        """The stamp's cut-out, premultiplied RGBa, cropped to its alpha box."""
         if stamp.path not in self._images:
             with Image.open(self.root / stamp.path) as image:
                 self._images[stamp.path] = image.convert("RGBA").crop(stamp.crop).convert("RGBa")
