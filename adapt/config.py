@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 SimilarityKind = Literal["t2i", "i2t", "ensemble", "mean"]
 TextEncoderKind = Literal["gru", "transformer"]
+RegionEncoderKind = Literal["linear", "concepts"]
 Normalization = Literal["batchnorm", "none"]
 
 
@@ -35,6 +36,11 @@ class AdaptConfig:
         lambda_i2t: fovea sharpness for I2T (reference Flickr30k config: 10).
         normalization: ``"batchnorm"`` (BatchNorm1d without affine on the adapted modality, as in
             the reference) or ``"none"``.
+        region_encoder: ``"linear"`` (the reference's Linear + LeakyReLU + l2norm) or ``"concepts"``
+            (the same plus each region's ConSE vector: named concepts of the backbone's ImageNet
+            head and the detector, see :mod:`adapt.concepts`; needs the transformer text encoder).
+        concepts: for ``region_encoder="concepts"``: the classifier's class names, the detector's
+            label names, the backbone size and ``top_k`` (see :func:`adapt.concepts.default_concepts`).
         text_encoder: ``"gru"`` (word vectors + BiGRU, the paper's) or ``"transformer"``.
         vocab: the GRU encoder's vocabulary (index 0 is padding, 1 unknown); built by training.
         word_vectors: name of the frozen pretrained word-vector source for the GRU encoder
@@ -58,6 +64,8 @@ class AdaptConfig:
     lambda_t2i: float = 10.0
     lambda_i2t: float = 10.0
     normalization: Normalization = "batchnorm"
+    region_encoder: RegionEncoderKind = "linear"
+    concepts: dict[str, Any] | None = None
     text_encoder: TextEncoderKind = "gru"
     vocab: list[str] = field(default_factory=list)
     word_vectors: str = "glove-6b-50d"
@@ -74,10 +82,14 @@ class AdaptConfig:
             "similarity": ("t2i", "i2t", "ensemble", "mean"),
             "text_encoder": ("gru", "transformer"),
             "normalization": ("batchnorm", "none"),
+            "region_encoder": ("linear", "concepts"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.region_encoder == "concepts" and (self.text_encoder != "transformer" or not self.concepts):
+            raise ConfigError('region_encoder="concepts" needs text_encoder="transformer" and a concepts table '
+                              "(adapt.concepts.default_concepts())")
         for name in ("region_dim", "latent_size", "word_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")

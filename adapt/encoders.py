@@ -239,9 +239,13 @@ class TransformerTextEncoder(nn.Module):
                                  max_length=self.max_tokens, return_tensors="pt")
         return TokenBatch(encoded["input_ids"], encoded["attention_mask"].bool())
 
+    def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
+        """The transformer's last hidden states, ``(n, t, hidden_size)``."""
+        batch = batch.to(self.proj.weight.device)
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+            return self.backbone(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
+
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """``TokenBatch (n, t)`` -> ``(n, t, d)`` unit-norm token features (padding: zeros)."""
-        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
-            hidden = self.backbone(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
-        features = F.normalize(self.proj(hidden), dim=-1)
+        features = F.normalize(self.proj(self.hidden_states(batch)), dim=-1)
         return features * batch.mask.unsqueeze(-1)

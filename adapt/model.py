@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapt.concepts import ConceptRegionEncoder, ground_in_concepts
 from adapt.config import AdaptConfig, ConfigError
 from adapt.encoders import GRUTextEncoder, RegionEncoder, TokenBatch, TransformerTextEncoder
 from adapt.similarity import DEFAULT_MEMORY_BUDGET_MB, AdaptiveSimilarity, Scores
@@ -40,8 +41,9 @@ class AdaptModel(
 
     Args:
         config: the architecture (an :class:`AdaptConfig` or its ``to_dict()``).
-        load_pretrained_text: load the text encoder's frozen pretrained part (word vectors) from
-            its source; ``from_pretrained`` skips this because the checkpoint carries it.
+        load_pretrained: fill the frozen pretrained parts (word vectors, concept tables) from their
+            sources and initialise a concept model at ConSE; ``from_pretrained`` skips this because the
+            checkpoint carries them.
 
     Example::
 
@@ -50,22 +52,29 @@ class AdaptModel(
         out.scores  # (n_images, n_captions)
     """
 
-    def __init__(self, config: AdaptConfig | dict[str, Any], load_pretrained_text: bool = True) -> None:
+    def __init__(self, config: AdaptConfig | dict[str, Any], load_pretrained: bool = True) -> None:
         super().__init__()
         self.config = AdaptConfig.from_dict(config) if isinstance(config, dict) else config
         self._hub_mixin_config = self.config  # what save_pretrained writes to config.json
         cfg = self.config
-        self.region_encoder = RegionEncoder(cfg.region_dim, cfg.latent_size)
         if cfg.text_encoder == "gru":
             self.text_encoder: GRUTextEncoder | TransformerTextEncoder = GRUTextEncoder(
                 cfg.vocab, cfg.latent_size, cfg.word_dim, cfg.word_vectors,
-                load_word_vectors=load_pretrained_text, pack_padding=not cfg.reference_padding,
+                load_word_vectors=load_pretrained, pack_padding=not cfg.reference_padding,
                 max_tokens=cfg.max_tokens,
             )
         else:
             self.text_encoder = TransformerTextEncoder(
                 cfg.transformer_name, cfg.latent_size, cfg.finetune_transformer, cfg.max_tokens
             )
+        if cfg.region_encoder == "concepts":
+            hidden = self.text_encoder.backbone.config.hidden_size
+            self.region_encoder: RegionEncoder | ConceptRegionEncoder = ConceptRegionEncoder(
+                cfg.region_dim, cfg.latent_size, cfg.concepts, hidden)
+        else:
+            self.region_encoder = RegionEncoder(cfg.region_dim, cfg.latent_size)
+        if cfg.region_encoder == "concepts" and load_pretrained:
+            ground_in_concepts(self)
         self.similarity = AdaptiveSimilarity(
             cfg.directions, cfg.latent_size, cfg.lambda_t2i, cfg.lambda_i2t, cfg.normalization,
             cfg.reference_padding,
@@ -159,7 +168,7 @@ class AdaptModel(
         if config is None:
             raise CheckpointError(f"{model_id}: no {CONFIG_NAME} found; is this an adapt checkpoint?")
         try:
-            model = cls(config, load_pretrained_text=False)
+            model = cls(config, load_pretrained=False)
         except (ConfigError, TypeError, ValueError) as e:
             raise CheckpointError(f"{model_id}: invalid {CONFIG_NAME}: {e}") from e
         if os.path.isdir(model_id):

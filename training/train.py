@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from adapt import AdaptConfig, AdaptModel, CheckpointError, ConfigError, HingeLoss, build_vocab, pick_device
+from adapt.concepts import default_concepts
 from training.card import model_card, training_card
 from training.config import TrainConfig, load_config
 from training.data import CaptionPairs, DatasetError, DistinctImageBatches, PairBatch, PairCollate, Split, load_split
@@ -72,6 +73,8 @@ def build_model(config: TrainConfig, train: Split) -> AdaptModel:
     if model_fields.get("region_dim", train.region_dim) != train.region_dim:
         raise ConfigError(f"model.region_dim={model_fields['region_dim']} but the features in {train} are "
                           f"{train.region_dim}-d; drop model.region_dim to take it from the data")
+    if model_fields.get("region_encoder") == "concepts" and model_fields.get("concepts") is None:
+        model_fields["concepts"] = default_concepts()
     gru = model_fields.get("text_encoder", "gru") == "gru"
     vocab = build_vocab(train.captions, config.data.vocab_min_count) if gru else []
     adapt_config = AdaptConfig.from_dict({**model_fields, "region_dim": train.region_dim, "vocab": vocab,
@@ -100,7 +103,7 @@ class Trainer:
         if resume:
             tensors, state = read_training_state(self.out_dir)
             check_resumable(TrainConfig.from_dict(state["config"]), config)
-            self.model = AdaptModel(AdaptConfig.from_dict(state["model_config"]), load_pretrained_text=False)
+            self.model = AdaptModel(AdaptConfig.from_dict(state["model_config"]), load_pretrained=False)
             self.progress = Progress(**state["progress"])
         else:
             if (self.out_dir / STATE_DIR).exists():

@@ -148,10 +148,14 @@ def _package_file(package: tuple[str, str], filename: str) -> Path:
     return path
 
 
+def backbone_state() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0's ImageNet weights (its classifier ``_fc`` included), read as tensors only."""
+    return torch.load(_package_file(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
+
+
 def _efficientnet_lite0() -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights, built for any input size."""
     # image_size=None selects TF-"SAME" padding computed per input, exact for every input size.
     model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    state = torch.load(_package_file(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(backbone_state())
     return model
