@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from adapt.device import pick_device
+from adapt.io import atomic_write
 from adapt.model import AdaptModel
 from adapt.regions import (
     ImageSource,
@@ -102,6 +103,7 @@ class RegionCache:
         return h.hexdigest()[:32]
 
     def get(self, key: str) -> Regions | None:
+        """The cached regions of ``key``, or ``None`` when absent or unreadable (then removed)."""
         path = self.folder / f"{key}.npz"
         if not path.is_file():
             return None
@@ -115,11 +117,10 @@ class RegionCache:
             return None
 
     def put(self, key: str, regions: Regions) -> None:
-        tmp = self.folder / f"{key}.tmp.npz"
-        np.savez(tmp, boxes=regions.boxes, features=regions.features,
-                 labels=np.array(regions.labels, dtype=str), scores=regions.scores,
-                 is_fill=regions.is_fill, image_size=np.array(regions.image_size))
-        tmp.replace(self.folder / f"{key}.npz")  # atomic: readers never see half a file
+        """Store the regions of ``key``, replacing the file atomically."""
+        atomic_write(self.folder / f"{key}.npz", lambda tmp: np.savez(
+            tmp, boxes=regions.boxes, features=regions.features, labels=np.array(regions.labels, dtype=str),
+            scores=regions.scores, is_fill=regions.is_fill, image_size=np.array(regions.image_size)))
 
 
 class Retriever:

@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from adapt.io import atomic_write
 from adapt.model import AdaptModel
 from adapt.similarity import masked_mean
 
@@ -272,15 +273,11 @@ def model_fingerprint(model: AdaptModel) -> dict[str, Any]:
 
 def _write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: readers see the old file or the new one, never half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _write_ann(path: Path, index: faiss.Index) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def _float_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:

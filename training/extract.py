@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 from numpy.lib import format as npy_format  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from adapt.io import atomic_write  # noqa: E402
 from adapt.regions import (  # noqa: E402
     BACKENDS,
     DEFAULT_EXTRACTOR,
@@ -181,7 +182,8 @@ def extract_dataset(
             raise ExtractError(f"{out_dir} holds features of another region extractor, but all splits of a "
                                "dataset must come from one; choose another --out folder. Differences:\n  - "
                                + "\n  - ".join(differences))
-    identity_path.write_text(json.dumps(extractor.identity, indent=2) + "\n", encoding="utf-8")
+    atomic_write(identity_path, lambda tmp: tmp.write_text(json.dumps(extractor.identity, indent=2) + "\n",
+                                                          encoding="utf-8"))
 
     available = list(dict.fromkeys(record.split for record in records))
     unknown = sorted(set(splits or ()) - set(available))
@@ -339,12 +341,7 @@ def _fingerprint(records: Sequence[ImageRecord], identity: dict[str, Any], capti
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"))
 
 
 def _parser() -> argparse.ArgumentParser:
