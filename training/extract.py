@@ -4,7 +4,7 @@ Usage::
 
     python -m training.extract --images IMAGES_DIR --captions CAPTIONS --out OUT_DIR
         [--splits train dev test] [--extractor ssd-mobilenet-v2+efficientnet-lite0]
-        [--num-regions 36] [--with-geometry] [--batch-size 8] [--captions-per-image 5]
+        [--num-regions 36] [--with-geometry] [--with-labels] [--whole-image] [--batch-size 8] [--captions-per-image 5]
         [--weights FILE | --weights-repo ORG/NAME [--weights-file FILE]] [--restart]
 
 ``CAPTIONS`` is either
@@ -355,6 +355,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--extractor", default=DEFAULT_EXTRACTOR, choices=sorted(BACKENDS))
     parser.add_argument("--num-regions", type=int, default=DEFAULT_NUM_REGIONS, help="regions per image (k)")
     parser.add_argument("--with-geometry", action="store_true", help="append 5 box-geometry values to each feature")
+    parser.add_argument("--with-labels", action="store_true",
+                        help="append the detector's 90 COCO class scores to each feature")
+    parser.add_argument("--whole-image", action="store_true",
+                        help="make the first region of every image the whole image")
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call and per saved step")
     parser.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
                         help="captions kept per image; images with fewer are skipped")
@@ -372,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     options: dict[str, Any] = {"num_regions": args.num_regions, "with_geometry": args.with_geometry,
+                               "with_labels": args.with_labels, "whole_image": args.whole_image,
                                "device": args.device}
     if args.weights or args.weights_repo:
         if args.extractor != FasterRcnnExtractor.name:
