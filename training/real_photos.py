@@ -1,0 +1,181 @@
+"""The real-photo check: is a model right on photos of the kind people upload?
+
+``tests/data/real_photos.json`` lists real photos that Python and Debian packages ship (scikit-image,
+scikit-learn, matplotlib, Debian's ``opencv-doc`` and ``tuxpaint-stamps-default``), each with one
+plain caption written by looking at the photo before any model saw it. No image is stored in this
+repository: each entry names its source package and a path inside it (``file.avi#N`` is frame ``N``
+of a video). Its ``select`` half may be used to choose models; its ``holdout`` half never is.
+
+Usage::
+
+    python -m training.real_photos [--checkpoint checkpoints/default] [--directions t2i i2t]
+
+prints R@1 / R@5 both ways (image->text: each photo ranks all the set's captions; text->image: each
+caption ranks all its photos) for each half and for the whole set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
+from adapt.regions import Regions, load_image
+from training.metrics import retrieval_metrics
+
+DEFAULT_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "real_photos.json"
+SPLITS = ("select", "holdout")
+
+
+def _package_folder(module: str, *parts: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+def _matplotlib_sample_data() -> Path | None:
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "sample_data"
+
+
+# Where each source keeps its photos; None when the package is not installed.
+SOURCES: dict[str, Callable[[], Path | None]] = {
+    "skimage": lambda: _package_folder("skimage", "data"),
+    "scikit-learn": lambda: _package_folder("sklearn", "datasets", "images"),
+    "matplotlib": _matplotlib_sample_data,
+    "opencv-doc": lambda: Path("/usr/share/doc/opencv-doc/examples/data"),
+    "tuxpaint": lambda: Path("/usr/share/tuxpaint/stamps"),
+}
+INSTALL_HINTS = {
+    "skimage": "pip install scikit-image",
+    "scikit-learn": "pip install scikit-learn",
+    "matplotlib": "pip install matplotlib",
+    "opencv-doc": "apt-get install opencv-doc",
+    "tuxpaint": "apt-get install tuxpaint-stamps-default",
+}
+
+
+@dataclass(frozen=True)
+class RealPhoto:
+    """One photo of the set: where it lives, its caption and its half."""
+
+    source: str
+    path: str
+    caption: str
+    split: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}:{self.path}"
+
+    def file(self) -> Path | None:
+        """The photo's file, or ``None`` when its source package is not installed."""
+        folder = SOURCES[self.source]()
+        file = None if folder is None else folder / self.path.split("#")[0]
+        return file if file is not None and file.is_file() else None
+
+    def load(self) -> Image.Image:
+        """The photo as an RGB image (a video entry decodes its frame with OpenCV)."""
+        file = self.file()
+        if file is None:
+            raise FileNotFoundError(f"{self.name}: not installed ({INSTALL_HINTS[self.source]})")
+        if "#" not in self.path:
+            return load_image(file)
+        import cv2
+
+        capture = cv2.VideoCapture(str(file))
+        capture.set(cv2.CAP_PROP_POS_FRAMES, int(self.path.split("#")[1]))
+        ok, frame = capture.read()
+        capture.release()
+        if not ok:
+            raise FileNotFoundError(f"{self.name}: OpenCV could not read that frame")
+        return Image.fromarray(np.ascontiguousarray(frame[:, :, ::-1]))
+
+
+def read_set(path: str | Path = DEFAULT_SET) -> list[RealPhoto]:
+    """Every photo the set lists, installed or not."""
+    entries = json.loads(Path(path).read_text(encoding="utf-8"))["photos"]
+    return [RealPhoto(e["source"], e["path"], e["caption"], e["split"]) for e in entries]
+
+
+def installed(photos: Sequence[RealPhoto]) -> tuple[list[RealPhoto], list[str]]:
+    """The photos whose package is installed, and an install hint for each missing source."""
+    present = [p for p in photos if p.file() is not None]
+    missing = sorted({p.source for p in photos} - {p.source for p in present})
+    return present, [f"{s} ({INSTALL_HINTS[s]})" for s in missing]
+
+
+def real_photo_metrics(
+    retriever: Retriever,
+    photos: Sequence[RealPhoto],
+    directions: tuple[str, ...] | None = None,
+    regions: Sequence[Regions] | None = None,
+) -> dict[str, dict[str, float]]:
+    """R@1/5/10 both ways for each half of ``photos`` and for all of them.
+
+    Args:
+        retriever: the model with its region extractor.
+        photos: the photos (installed ones; see :func:`installed`).
+        directions: the model's scoring directions to use (default: its own kind).
+        regions: precomputed regions of ``photos`` (default: extracted now).
+
+    Returns:
+        ``{"select": metrics, "holdout": metrics, "all": metrics}`` with
+        :func:`training.metrics.retrieval_metrics` keys (one caption per photo), and each part's
+        photo count under ``"n"``.
+    """
+    if regions is None:
+        regions = [retriever.regions(p.load())[1] for p in photos]
+    features = torch.from_numpy(np.stack([r.features for r in regions]))
+    scores = retriever.model.score(features, [p.caption for p in photos], directions=directions).scores.cpu()
+    out = {}
+    for part in (*SPLITS, "all"):
+        index = [i for i, p in enumerate(photos) if part in ("all", p.split)]
+        if index:
+            chosen = torch.tensor(index)
+            out[part] = {**retrieval_metrics(scores[chosen][:, chosen], captions_per_image=1), "n": len(index)}
+    return out
+
+
+def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    """A small plain-text table of :func:`real_photo_metrics` output."""
+    lines = ["part       photos  image->text R@1  R@5    text->image R@1  R@5"]
+    for part, m in metrics.items():
+        lines.append(f"{part:10s} {int(m['n']):6d}  {m['i2t_r1']:15.1f}  {m['i2t_r5']:5.1f}  "
+                     f"{m['t2i_r1']:15.1f}  {m['t2i_r5']:5.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="model folder or Hub id")
+    parser.add_argument("--set", default=str(DEFAULT_SET), help="the photo list (JSON)")
+    parser.add_argument("--directions", nargs="+", choices=("t2i", "i2t", "mean"),
+                        help="scoring directions (default: the model's own)")
+    args = parser.parse_args(argv)
+    photos, missing = installed(read_set(args.set))
+    if missing:
+        print("skipping photos of sources not installed: " + ", ".join(missing))
+    if not photos:
+        print("no photo of the set is installed")
+        return 1
+    retriever = Retriever.from_pretrained(args.checkpoint)
+    directions = tuple(args.directions) if args.directions else None
+    print(format_metrics(real_photo_metrics(retriever, photos, directions)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
