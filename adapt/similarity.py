@@ -9,9 +9,15 @@ training memory stays bounded too. On CPU the fused kernels of :mod:`adapt.fused
 scores in one pass per pair: T2I for inference and training (with a fused backward), I2T for
 inference. Attention maps, CUDA, and machines without a compiler take the PyTorch path.
 
-Attention maps, on request, are the fovea mask ``M`` averaged over the ``d`` channels. Each channel
-of ``M`` is a softmax over the locals, so the average is again a distribution over the locals
-(sums to 1): the share of the fovea that each region (T2I) or word (I2T) receives.
+Attention maps, on request:
+
+- T2I: each region's share of the score. The score is ``cos(p, q) = p . q_unit / |p|`` with
+  ``p = (sum_i scale * B_i * M_i + beta) / n``, so it splits exactly into one term per region,
+  ``(scale * B_i * M_i) . q_unit / (n |p|)``, plus the caption's own ``beta . q_unit / (n |p|)``.
+  A region's term is large when the caption's fovea weights it *and* its adapted feature points
+  along the caption: this is where the caption looked, in the units of the score. (The fovea mask
+  alone, averaged over channels, is close to uniform and nearly the same for every caption.)
+- I2T: the fovea mask ``M`` averaged over the ``d`` channels, a distribution over the words.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ class Scores:
 
     Attributes:
         scores: ``(n_images, n_captions)`` cosine similarities.
-        region_attention: ``(n_images, n_captions, n_regions)`` T2I fovea weight of each region,
-            when asked for and the model has T2I.
+        region_attention: ``(n_images, n_captions, n_regions)`` each region's share of the T2I
+            score (see the module docstring), when asked for and the model has T2I.
         token_attention: ``(n_images, n_captions, n_tokens)`` I2T fovea weight of each word,
             when asked for and the model has I2T.
     """
@@ -173,11 +179,12 @@ class TextToImage(AdaptHead):
             words: ``(n_captions, n_tokens, d)`` encoded words.
             word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
             memory_budget_mb: bound on the pair tensors alive at once.
-            return_attention: also return the fovea weight of each region.
+            return_attention: also return each region's share of the score (module docstring).
 
         Returns:
             ``scores (n_images, n_captions)`` and ``attention (n_images, n_captions, n_regions)``
-            (``None`` unless asked for).
+            (``None`` unless asked for): the regions' terms of the score, which sum to the score
+            less the caption's ``beta`` term.
         """
         n_images, n_regions, d = regions.shape
         images = self.prepare_images(regions)
@@ -193,7 +200,11 @@ class TextToImage(AdaptHead):
             mask = self.fovea.mask(values * scale[caps, None, None])  # (c, m, r, d)
             pooled = (scale[caps, None] * (values * mask).sum(-2) + shift[caps, None]) / n_regions
             score = torch.einsum("cmd,cd->cm", F.normalize(pooled, dim=-1), query_unit[caps])
-            return score, mask.mean(dim=-1) if return_attention else None
+            if not return_attention:
+                return score, None
+            norm = pooled.norm(dim=-1).clamp(min=1e-12) * n_regions  # (c, m)
+            weighted = values * mask * (scale * query_unit)[caps, None, None]  # (c, m, r, d)
+            return score, weighted.sum(-1) / norm[..., None]
 
         pair_bytes = n_regions * d * regions.element_size()
         scores, attention = _blockwise(

@@ -43,17 +43,23 @@ def loop_adapt_fovea(values, query, adapt, smooth):
 
 
 def loop_t2i(head, regions, words, mask):
+    """Scores, each region's term of the score, and the caption's beta term (they sum to the score)."""
     images = head.norm(regions.transpose(1, 2)).transpose(1, 2)
     scores = torch.zeros(len(regions), len(words))
     attention = torch.zeros(len(regions), len(words), regions.shape[1])
+    beta_terms = torch.zeros(len(regions), len(words))
     for c in range(len(words)):
         q = words[c][mask[c]].mean(0)
+        beta = head.adapt.fc_beta.weight @ q + head.adapt.fc_beta.bias
         for i in range(len(regions)):
             adapted, m = loop_adapt_fovea(images[i], q, head.adapt, head.fovea.smooth)
             pooled = (adapted * m).mean(0)
+            denominator = len(adapted) * pooled.norm() * q.norm()
             scores[i, c] = pooled @ q / (pooled.norm() * q.norm())
-            attention[i, c] = m.mean(1)
-    return scores, attention
+            # mean_i(A_i M_i) with A_i = B_i (gamma + 1) + beta: one term per region, and beta's.
+            attention[i, c] = ((adapted - beta) * m) @ q / denominator
+            beta_terms[i, c] = (beta * m).sum(0) @ q / denominator
+    return scores, attention, beta_terms
 
 
 def loop_i2t(head, regions, words, mask, masked=True):
@@ -108,10 +114,13 @@ def test_t2i_matches_loop(train_mode):
     regions, words, mask = random_inputs()
     with torch.no_grad():
         scores, attention = head(regions, words, mask, return_attention=True)
-        expected, expected_attention = loop_t2i(head, regions, words, mask)
+        expected, expected_attention, beta_terms = loop_t2i(head, regions, words, mask)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attention, expected_attention, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attention.sum(-1), torch.ones(len(regions), len(words)))
+    # The regions' terms and the caption's beta term add up to the score exactly.
+    torch.testing.assert_close(attention.sum(-1) + beta_terms, scores, atol=1e-5, rtol=1e-5)
+    # They depend on the caption: two captions light the regions differently.
+    assert (attention[:, 0] - attention[:, 1]).abs().max() > 1e-2
 
 
 def test_i2t_matches_loop_with_masked_padding():
@@ -166,7 +175,7 @@ def test_ensemble_is_mean_of_both_directions():
         both = sim(regions, words, mask, return_attention=True)
         t2i = sim(regions, words, mask, directions=("t2i",)).scores
         i2t = sim(regions, words, mask, directions=("i2t",)).scores
-        expected_t2i, _ = loop_t2i(sim.heads["t2i"], regions, words, mask)
+        expected_t2i = loop_t2i(sim.heads["t2i"], regions, words, mask)[0]
     torch.testing.assert_close(both.scores, (t2i + i2t) / 2)
     torch.testing.assert_close(t2i, expected_t2i, atol=1e-5, rtol=1e-5)
     assert both.region_attention.shape == (4, 3, N_REGIONS)
