@@ -1,14 +1,15 @@
 """From raw images and text to rankings: image -> regions -> features -> ADAPT scores.
 
 ``Retriever`` pairs a model with the region extractor it was trained with (refusing any other),
-ranks captions for an image, searches a gallery of images with a caption, and keeps the fovea
-weights of each region so callers can show where the caption looked.
+ranks captions for an image, searches a gallery of images with a caption, and keeps each region's
+share of the score so callers can show where the caption looked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +33,22 @@ from adapt.regions import (
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 
 
+def region_shares(terms: torch.Tensor) -> np.ndarray:
+    """Each region's share of the evidence for a caption, from its terms of the T2I score.
+
+    Args:
+        terms: ``(..., k)`` regions' terms of the score (``Scores.region_attention``).
+
+    Returns:
+        ``(..., k)`` float32: the positive terms divided by their sum (uniform where none is
+        positive); regions that speak against the caption get 0.
+    """
+    positive = terms.clamp(min=0).float().cpu()
+    total = positive.sum(-1, keepdim=True)
+    uniform = torch.full_like(positive, 1.0 / positive.shape[-1])
+    return torch.where(total > 0, positive / total.clamp(min=1e-12), uniform).numpy()
+
+
 @dataclass
 class RankedCaptions:
     """Captions of one image, best first.
@@ -40,8 +57,9 @@ class RankedCaptions:
         captions: the captions, ranked.
         scores: ``(n,)`` their scores, descending.
         order: ``(n,)`` index of each ranked caption in the input list.
-        region_weights: ``(n, k)`` T2I fovea weight of each region for each ranked caption (rows
-            sum to 1), or ``None`` for a model without the T2I direction.
+        region_weights: ``(n, k)`` where each ranked caption looked: each region's share of the
+            caption's T2I score (see :func:`region_shares`; rows sum to 1), or ``None`` for a model
+            without the T2I direction.
         regions: the image's regions (boxes, labels, ...).
     """
 
@@ -54,7 +72,7 @@ class RankedCaptions:
 
 @dataclass
 class SearchHit:
-    """One gallery image found by a caption: its key, score, regions and their fovea weights."""
+    """One gallery image found by a caption: its key, score, regions and each region's share of the score."""
 
     key: str
     score: float
@@ -112,8 +130,9 @@ class RegionCache:
                 return Regions(boxes=data["boxes"], features=data["features"],
                                labels=[str(x) for x in data["labels"]], scores=data["scores"],
                                is_fill=data["is_fill"], image_size=tuple(int(x) for x in data["image_size"]))
-        except (OSError, KeyError, ValueError):
-            path.unlink(missing_ok=True)  # a torn write from an earlier crash: recompute
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+            # A damaged file (cut short by a full disk, or written by hand): a miss, recomputed.
+            path.unlink(missing_ok=True)
             return None
 
     def put(self, key: str, regions: Regions) -> None:
@@ -190,7 +209,7 @@ class Retriever:
     def rank_captions(
         self, image: ImageSource | Regions, captions: list[str], directions: tuple[str, ...] | None = None
     ) -> RankedCaptions:
-        """Rank ``captions`` for one image, best first, with the fovea weights of its regions.
+        """Rank ``captions`` for one image, best first, with where each caption looked (its regions' shares).
 
         Args:
             image: an image (path, PIL, array) or its precomputed :class:`Regions`.
@@ -202,7 +221,7 @@ class Retriever:
                                return_attention=True)
         scores = out.scores[0].cpu().numpy()
         order = np.argsort(-scores, kind="stable")
-        weights = None if out.region_attention is None else out.region_attention[0].cpu().numpy()[order]
+        weights = None if out.region_attention is None else region_shares(out.region_attention[0])[order]
         return RankedCaptions([captions[i] for i in order], scores[order], order, weights, regions)
 
     @torch.inference_mode()
@@ -210,7 +229,7 @@ class Retriever:
         self, gallery: Gallery, caption: str, top_k: int = 10,
         directions: tuple[str, ...] | None = None,
     ) -> list[SearchHit]:
-        """The ``top_k`` gallery images for a caption, best first, with their fovea weights."""
+        """The ``top_k`` gallery images for a caption, best first, with where the caption looked in each."""
         if len(gallery) == 0:
             return []
         if gallery._encoded is None:
@@ -222,10 +241,11 @@ class Retriever:
         attention = None
         if "t2i" in (directions or self.directions):
             # Fovea weights for the few hits only: attention maps take the slower, exact path.
-            attention = self.model.similarity(gallery._encoded[best], words, mask, directions=("t2i",),
-                                              return_attention=True).region_attention[:, 0]
+            attention = region_shares(self.model.similarity(
+                gallery._encoded[best], words, mask, directions=("t2i",), return_attention=True,
+            ).region_attention[:, 0])
         return [
             SearchHit(gallery.keys[i], float(scores[i]), gallery.regions[i],
-                      None if attention is None else attention[rank].cpu().numpy())
+                      None if attention is None else attention[rank])
             for rank, i in enumerate(best.tolist())
         ]
