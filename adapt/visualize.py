@@ -9,23 +9,36 @@ from adapt.regions import Regions
 
 _OUTLINE = (255, 196, 0)
 _DIM = 0.3  # brightness of the least attended pixels
+# Detector labels are shown only at this score or above: below it, SSD's guesses on objects it was
+# never trained on are mostly wrong ("tie" on a cat, "kite" on a lobster, in the real-photo set).
+LABEL_MIN_SCORE = 0.5
+
+
+def region_label(regions: Regions, i: int) -> str:
+    """What to call region ``i``: its detector label when trustworthy, else a neutral name."""
+    if regions.labels[i] and float(regions.scores[i]) >= LABEL_MIN_SCORE:
+        return regions.labels[i]
+    return "region" if not regions.is_fill[i] else "whole image" if i == 0 else "area"
 
 
 def draw_attention(
     image: Image.Image, regions: Regions, weights: np.ndarray | None, top: int = 3,
     all_boxes: bool = False, max_side: int = 1024,
 ) -> Image.Image:
-    """The image lit by the fovea weights of its regions, with the ``top`` regions outlined.
+    """The image lit where a caption looked, with the ``top`` detected regions outlined.
 
     A pixel's light is the summed weight of the regions covering it, scaled so the brightest pixel
-    keeps its colour and the least attended are dimmed to 30 %.
+    keeps its colour and the least attended are dimmed to 30 %. Outlines go to detected regions
+    (fills, such as the whole-image region, cover too much to point at anything), labelled with
+    :func:`region_label` and their share.
 
     Args:
         image: the RGB image the regions were extracted from.
         regions: its regions (boxes in its pixels).
-        weights: ``(k,)`` fovea weight of each region, or ``None`` to draw the boxes only.
-        top: how many of the most attended regions to outline and label with their share.
-        all_boxes: also outline every detected (non-fill) region with its detector label.
+        weights: ``(k,)`` each region's share of the score (``RankedCaptions.region_weights``),
+            or ``None`` to draw the boxes only.
+        top: how many of the most attended detected regions to outline and label with their share.
+        all_boxes: also outline every detected region with its label.
         max_side: the drawing is downscaled to at most this many pixels per side.
     """
     scale = min(1.0, max_side / max(image.size))
@@ -41,15 +54,15 @@ def draw_attention(
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(12, canvas.width // 45))
     if all_boxes:
-        for box, label, fill in zip(boxes, regions.labels, regions.is_fill):
-            if not fill:
-                draw.rectangle(box.tolist(), outline=(120, 200, 255), width=1)
-                draw.text((box[0] + 3, box[1] + 2), label, fill=(120, 200, 255), font=font)
+        for i in np.flatnonzero(~np.asarray(regions.is_fill)):
+            draw.rectangle(boxes[i].tolist(), outline=(120, 200, 255), width=1)
+            draw.text((boxes[i][0] + 3, boxes[i][1] + 2), region_label(regions, i), fill=(120, 200, 255), font=font)
     if weights is not None:
-        for i in np.argsort(-weights)[:top]:
+        detected = np.flatnonzero(~np.asarray(regions.is_fill))
+        for i in detected[np.argsort(-weights[detected], kind="stable")][:top]:
             x1, y1, x2, y2 = boxes[i].tolist()
             draw.rectangle((x1, y1, x2, y2), outline=_OUTLINE, width=max(2, canvas.width // 300))
-            label = f"{regions.labels[i] or 'region'} {100 * weights[i]:.0f}%"
+            label = f"{region_label(regions, i)} {100 * weights[i]:.0f}%"
             left, top_, right, bottom = draw.textbbox((x1 + 3, y1 + 2), label, font=font)
             draw.rectangle((left - 2, top_ - 1, right + 2, bottom + 1), fill=(0, 0, 0))
             draw.text((x1 + 3, y1 + 2), label, fill=_OUTLINE, font=font)
