@@ -27,6 +27,7 @@ from adapt.regions import (
     Regions,
     build_extractor,
     check_extractor,
+    comparable_identity,
     load_image,
 )
 
@@ -102,14 +103,15 @@ class Gallery:
 
 
 class RegionCache:
-    """Regions of images on disk, keyed by the decoded pixels and the extractor identity.
+    """Regions of images on disk, keyed by the decoded pixels and the extractor identity (the
+    fields of it that :func:`~adapt.regions.check_extractor` compares).
 
     Re-adding the same picture (any file name or format that decodes to the same pixels) costs a
     file read, not a detector and backbone pass.
     """
 
     def __init__(self, folder: str | Path, identity: dict) -> None:
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps(comparable_identity(identity), sort_keys=True).encode()).hexdigest()[:16]
         self.folder = Path(folder) / digest
         self.folder.mkdir(parents=True, exist_ok=True)
 

@@ -89,11 +89,12 @@ from tqdm.auto import tqdm
 
 from adapt.io import atomic_write
 from adapt.model import AdaptModel
+from adapt.regions import ExtractorMismatchError, check_extractor
 from adapt.similarity import masked_mean
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "adapt-gallery-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the model's config hash leaves out its extractor, compared by check_extractor
 DEFAULT_SHARD_SIZE = 250_000
 DEFAULT_CANDIDATES = 200  # twice the K that recalled the whole top-10 of 10k to 1M synthetic images
 ANN_MIN_ROWS = 20_000  # below this an exact scan of a shard takes about a millisecond
@@ -102,6 +103,8 @@ POOL_FACTOR = 5  # "fovea-max": hits by inner product re-scored with the hard-fo
 ENCODE_BATCH = 512  # images per encode_regions call in add()
 SCORE_BATCH_BYTES = 256 * 2**20  # float32 regions per exact-scoring chunk in search_exhaustive()
 PROGRESS_MIN_ROWS = 10_000
+OTHER_MODEL = ("Its stored region features only mean something to that model: open it with the model it was "
+               "built with, or build a new index for this one with GalleryIndex.create")
 
 T = TypeVar("T")
 FirstStage = Literal["fovea-max", "mean"]
@@ -250,10 +253,11 @@ def merge_top_k(lists: Iterable[Iterable[tuple[float, T]]], k: int) -> list[tupl
 def model_fingerprint(model: AdaptModel) -> dict[str, Any]:
     """What an index records about the model whose encoded regions it stores.
 
-    ``config_sha256`` covers the architecture (the config without its free-form ``card``) and
-    ``weights_sha256`` every tensor of the state dict, so a retrained model is told apart too.
+    ``config_sha256`` covers the architecture (the config without its free-form ``card`` and its
+    ``extractor``, which :meth:`GalleryIndex.open` compares with :func:`adapt.regions.check_extractor`)
+    and ``weights_sha256`` every tensor of the state dict, so a retrained model is told apart too.
     """
-    config = {k: v for k, v in model.config.to_dict().items() if k != "card"}
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("card", "extractor")}
     weights = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         weights.update(name.encode())
@@ -515,16 +519,22 @@ class GalleryIndex:
         except (OSError, ValueError) as e:
             raise GalleryIndexError(f"{folder}: no readable {MANIFEST_NAME} ({e}); build an index "
                                     "with GalleryIndex.create") from e
-        if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
-            raise GalleryIndexError(f"{folder}: not a version-{FORMAT_VERSION} adapt gallery index")
+        if manifest.get("format") != FORMAT_NAME:
+            raise GalleryIndexError(f"{folder}: {MANIFEST_NAME} is not an adapt gallery index's")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise GalleryIndexError(f"{folder}: an index of format version {manifest.get('version')}; this "
+                                    f"adapt reads version {FORMAT_VERSION}: rebuild it with GalleryIndex.create")
         stored, current = manifest["model"], model_fingerprint(model)
-        differ = [k for k in stored if stored[k] != current.get(k)]
+        differ = [k for k in stored if k != "extractor" and stored[k] != current.get(k)]
         if differ:
             details = "; ".join(f"{k}: index {stored[k]!r}, model {current.get(k)!r}" for k in differ)
-            raise GalleryIndexError(
-                f"{folder} was built with a different model ({details}). Its stored region "
-                "features only mean something to that model: open it with the model it was built "
-                "with, or build a new index for this one with GalleryIndex.create")
+            raise GalleryIndexError(f"{folder} was built with a different model ({details}). {OTHER_MODEL}")
+        if stored["extractor"] is not None or current["extractor"] is not None:
+            try:
+                check_extractor(stored["extractor"], current["extractor"], names=("index", "model"),
+                                advice=OTHER_MODEL)
+            except ExtractorMismatchError as e:
+                raise GalleryIndexError(f"{folder} was built with a different model: {e}") from e
         return cls(folder, model, manifest)
 
     # -- building ----------------------------------------------------------------------------

@@ -24,9 +24,11 @@ from adapt.regions import (
     SsdEfficientNetExtractor,
     build_extractor,
     check_extractor,
+    comparable_identity,
     fill_boxes,
     load_image,
 )
+from adapt.pipeline import DEFAULT_CHECKPOINT
 
 # Hand-measured object boxes (x1, y1, x2, y2) in the scikit-image sample photos.
 OBJECTS = {
@@ -173,6 +175,32 @@ def test_identity_and_check(ssd):
         check_extractor(None, identity)
     with pytest.warns(UserWarning, match="mismatch"):
         assert len(check_extractor(trained, identity, allow_mismatch=True)) == 2
+
+
+def test_descriptions_in_words_are_no_part_of_the_check_but_every_setting_is(ssd):
+    identity = ssd.identity
+    reworded = json.loads(json.dumps(identity))
+    reworded["selection"]["fill"] = "the whole image, then grids of 2x2, 3x3, ..."
+    reworded["preprocessing"]["resize"] = "bilinear (PIL)"
+    reworded["preprocessing"]["backbone_normalisation"] = "(rgb - 127) / 128, rgb in 0-255"
+    assert check_extractor(reworded, identity) == []
+    assert "selection.fill" not in comparable_identity(identity)
+    changed = [
+        {**identity, "weights": "other-detector"},
+        {**identity, "format": identity["format"] + 1},
+        {**identity, "with_labels": True},
+        {**identity, "selection": {**identity["selection"], "nms_iou": 0.4}},
+        {**identity, "selection": {**identity["selection"], "whole_image": True}},
+        {**identity, "preprocessing": {**identity["preprocessing"], "detector_input": [320, 320]}},
+    ]
+    for trained in changed:
+        with pytest.warns(UserWarning, match="region extractor mismatch"):
+            assert len(check_extractor(trained, identity, allow_mismatch=True)) == 1
+
+
+def test_the_bundled_checkpoint_passes_the_check_of_the_extractor_it_names():
+    trained = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["extractor"]
+    assert check_extractor(trained, build_extractor(trained).identity) == []
 
 
 def test_build_extractor_by_name_and_from_identity(ssd, ssd_strict):

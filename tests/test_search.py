@@ -214,6 +214,30 @@ def test_an_index_refuses_a_different_model(gallery, model):
         GalleryIndex.open(gallery.folder, wider)
 
 
+def test_an_index_refuses_a_model_of_another_extractor_but_not_reworded_descriptions(tmp_path, model, data):
+    identity = {"name": "stub", "format": 1, "num_regions": 8,
+                "selection": {"nms_iou": 0.5, "fill": "whole image, then grids"}}
+
+    def same_weights(extractor):
+        copy = AdaptModel(AdaptConfig(**{**model.config.to_dict(), "extractor": extractor})).eval()
+        copy.load_state_dict(model.state_dict())
+        return copy
+
+    images, boxes, ids = data
+    GalleryIndex.create(tmp_path, same_weights(identity)).add(images[:10], boxes[:10], ids[:10])
+    reworded = {**identity, "selection": {**identity["selection"], "fill": "the whole image, then 2x2, 3x3 grids"}}
+    assert len(GalleryIndex.open(tmp_path, same_weights(reworded))) == 10
+    with pytest.raises(GalleryIndexError, match="(?s)different model.*num_regions: index has 8, model has 36.*"
+                                                "GalleryIndex.create"):
+        GalleryIndex.open(tmp_path, same_weights({**identity, "num_regions": 36}))
+    with pytest.raises(GalleryIndexError, match="the model does not record which region extractor"):
+        GalleryIndex.open(tmp_path, same_weights(None))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(GalleryIndexError, match="format version 1.*rebuild it with GalleryIndex.create"):
+        GalleryIndex.open(tmp_path, same_weights(identity))
+
+
 def test_bad_inputs_get_clear_errors(tmp_path, model, data):
     images, boxes, ids = data
     i2t = AdaptModel(AdaptConfig(**{**model.config.to_dict(), "similarity": "i2t"}))

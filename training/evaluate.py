@@ -22,12 +22,15 @@ import torch
 from tqdm import tqdm
 
 from adapt import AdaptModel, CheckpointError, pick_device
+from adapt.regions import ExtractorMismatchError, check_extractor
 from adapt.similarity import DEFAULT_MEMORY_BUDGET_MB
 from training.data import CAPTIONS_PER_IMAGE, DatasetError, Split, load_split
 from training.metrics import fold_slices, markdown_table, mean_metrics, retrieval_metrics
 
 IMAGE_BATCH = 256
 CAPTION_BATCH = 1000
+EXTRACT_AGAIN = ("Extract the split again with the extractor the checkpoint names (python -m training.extract), "
+                 "or evaluate a checkpoint trained on these features.")
 
 
 @torch.no_grad()
@@ -122,9 +125,13 @@ def check_features(model: AdaptModel, split: Split, name: str) -> None:
     if model.config.region_dim != split.region_dim:
         raise DatasetError(f"{split}: features are {split.region_dim}-d but {name} expects "
                            f"{model.config.region_dim}-d region features")
-    if model.config.extractor and split.extractor and model.config.extractor != split.extractor:
-        raise DatasetError(f"{split}: features come from extractor {split.extractor} but {name} was trained "
-                           f"on features of {model.config.extractor}")
+    if model.config.extractor and split.extractor:
+        try:
+            check_extractor(model.config.extractor, split.extractor, names=("checkpoint", "features"),
+                            advice=EXTRACT_AGAIN)
+        except ExtractorMismatchError as e:
+            raise DatasetError(f"{split}: features come from extractor {split.extractor} but {name} was trained "
+                               f"on features of {model.config.extractor}.\n{e}") from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from adapt.regions.base import (
     Regions,
     box_geometry,
     check_extractor,
+    comparable_identity,
     fill_boxes,
     identity_differences,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "build_extractor",
     "check_extractor",
     "coco_name",
+    "comparable_identity",
     "fill_boxes",
     "identity_differences",
     "load_image",
