@@ -15,10 +15,19 @@ SimilarityKind = Literal["t2i", "i2t", "ensemble", "mean"]
 TextEncoderKind = Literal["gru", "transformer"]
 RegionEncoderKind = Literal["linear", "concepts"]
 Normalization = Literal["batchnorm", "none"]
+CONFIG_FORMAT = 1  # the layout this code writes and the newest it reads
 
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""
+
+
+def _check_format(version: Any) -> None:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ConfigError(f"format={version!r} is not a config format (a positive integer)")
+    if version > CONFIG_FORMAT:
+        raise ConfigError(f"this config has format {version}, newer than this adapt reads (format "
+                          f"{CONFIG_FORMAT}): upgrade adapt to load it")
 
 
 @dataclass
@@ -56,6 +65,9 @@ class AdaptConfig:
         extractor: identity of the region extractor the training features came from (see
             ``adapt.regions``); ``None`` for features of unknown origin (e.g. SCAN precomp files).
         card: free-form metadata for the model card (data, metrics, licence).
+        format: version of this layout, :data:`CONFIG_FORMAT`; raised when a field changes meaning,
+            so that older code refuses the config instead of misreading it. ``config.json`` files
+            written before the field existed have none and read as format 1.
     """
 
     region_dim: int = 2048
@@ -76,8 +88,10 @@ class AdaptConfig:
     reference_padding: bool = False
     extractor: dict[str, Any] | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    format: int = CONFIG_FORMAT
 
     def __post_init__(self) -> None:
+        _check_format(self.format)
         choices = {
             "similarity": ("t2i", "i2t", "ensemble", "mean"),
             "text_encoder": ("gru", "transformer"),
@@ -105,7 +119,9 @@ class AdaptConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdaptConfig":
-        """Build a config from ``to_dict()`` output, refusing unknown keys by name."""
+        """Build a config from ``to_dict()`` output (or an older one, without ``format``), refusing
+        a newer format and unknown keys by name."""
+        _check_format(data.get("format", 1))  # before the keys: a newer format may add some
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapt import AdaptConfig, AdaptModel, CheckpointError, HingeLoss, build_vocab, tokenize
+from adapt import AdaptConfig, AdaptModel, CheckpointError, ConfigError, HingeLoss, build_vocab, tokenize
 from adapt.encoders import WORD_VECTOR_SOURCES, TransformerTextEncoder
 
 CAPTIONS = ["A cat sits on the mat.", "two dogs run", "a red bus, parked near a tree", "dogs"]
@@ -155,6 +155,20 @@ def test_missing_and_unknown_config_keys_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unknown config keys \\['colour'\\]"):
         AdaptModel.from_pretrained(tmp_path)
+
+
+def test_configs_without_a_format_load_as_format_1_and_newer_formats_are_refused(tmp_path):
+    AdaptModel(small_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["format"] == 1
+    del config["format"]  # as every config.json written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert AdaptModel.from_pretrained(tmp_path).config.format == 1
+    (tmp_path / "config.json").write_text(json.dumps({**config, "format": 2, "a_later_field": 0}))
+    with pytest.raises(CheckpointError, match="format 2, newer than this adapt reads .format 1.: upgrade adapt"):
+        AdaptModel.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="format=0 is not a config format"):
+        small_config(format=0)
 
 
 def test_folder_without_weights_is_refused(tmp_path):
