@@ -11,7 +11,7 @@ from test_model import concept_data
 
 from adapt import AdaptConfig, AdaptModel, HingeLoss, build_vocab
 from adapt import search
-from adapt.search import GalleryIndex, GalleryIndexError, merge_top_k, top_candidates
+from adapt.search import GalleryIndex, GalleryIndexError, first_stage, merge_top_k, top_candidates
 
 N_GALLERY = 300
 
@@ -171,7 +171,7 @@ def test_fovea_max_score_is_t2i_in_the_limit_of_a_hard_fovea(model):
 def test_large_shard_switches_to_a_compressed_index_that_keeps_exact_scores(
     tmp_path, model, monkeypatch
 ):
-    monkeypatch.setattr(search, "ANN_MIN_ROWS", 1000)
+    monkeypatch.setattr(first_stage, "ANN_MIN_ROWS", 1000)
     n = 1200
     images, _ = concept_data(n, seed=3)
     index = GalleryIndex.create(tmp_path, model, shard_size=2000)

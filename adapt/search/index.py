@@ -1,59 +1,16 @@
-"""Two-stage gallery search over ADAPT image features, for galleries of millions of images.
+"""The gallery index: the coordinator that asks every shard for first-stage candidates, has them
+re-ranked exactly and merges the results.
 
-ADAPT-T2I cannot be indexed like a two-tower model: the caption adapts every image's regions, so
-scoring one (caption, image) pair costs ``n_regions x d`` exponentials, and exhaustive search over
-a large gallery is far too slow for a query. Search therefore runs in two stages:
+Exact re-ranking: the K first-stage candidates' stored regions are scored against the caption
+with the model's own :class:`~adapt.similarity.AdaptiveSimilarity` (its directions: T2I, I2T or
+the ensemble), and the ``top_k`` best are returned. In eval mode BatchNorm uses running
+statistics, so a pair's score does not depend on which other images are scored with it:
+re-ranking gives exactly the scores of exhaustive search, and with K = gallery size the same
+ranking.
 
-1. **First stage (query-independent vectors, ANN).** Every image gets one vector computed from its
-   regions alone, every caption one computed from its words alone. Image vectors are indexed with
-   FAISS under inner product: an exact ``IndexFlatIP`` while a shard is small, a compressed index
-   with exact refinement once it is large (see :func:`build_ann`). Two kinds (``first_stage``):
-
-   - ``"fovea-max"`` (default for models with T2I, ensembles included, whose T2I head it uses):
-     ADAPT-T2I in the limit of a hard fovea. T2I pools ``sum_i M_ic B_ic`` per channel ``c``, with
-     ``B`` the BatchNorm'ed regions and ``M`` a softmax over regions of ``lambda * s_c * B_ic``
-     (``s = gamma(q) + 1``, ``beta = beta(q)``, ``q`` the caption's mean word); as ``lambda``
-     grows this tends to ``ext_c = max_i B_ic`` where ``s_c > 0`` and ``min_i B_ic`` where
-     ``s_c < 0``, and the score to ``cos(s * ext + beta, q)``. Its numerator
-     ``q . (s * ext) + q . beta`` is an inner product between the image vector
-     ``[max_i B_i, min_i B_i]`` and the caption vector ``[q * s * (s > 0), q * s * (s < 0)]``
-     (``2d`` floats each) plus a constant per caption: FAISS finds the ``POOL_FACTOR * K`` best by
-     it, and these are re-scored with the whole hard-fovea cosine (:func:`first_stage_scores`),
-     whose per-image norm recovers most of what the numerator misses. No training needed.
-   - ``"mean"``: the l2-normalised mean of the encoded regions against the l2-normalised masked
-     mean of the words (the ADAPT query): the model's own global vectors, and the only choice for
-     I2T-only models. On synthetic concept data (``benchmarks/search_scale.py``) it recalls far
-     less of the exhaustive top-10: 0.48 with K = 1000 of 10k images and 0.18 of 100k, where
-     ``"fovea-max"`` recalls 1.000 with K = 100 of 10k, 100k and 1M images.
-
-   The ``candidates`` (K) best images by the first-stage score go on.
-
-2. **Exact re-ranking.** The K candidates' stored regions are scored against the caption with the
-   model's own :class:`~adapt.similarity.AdaptiveSimilarity` (its directions: T2I, I2T or the
-   ensemble), and the ``top_k`` best are returned. In eval mode BatchNorm uses running statistics,
-   so a pair's score does not depend on which other images are scored with it: re-ranking gives
-   exactly the scores of exhaustive search, and with K = gallery size the same ranking.
-
-Storage. An index is a folder::
-
-    manifest.json        model fingerprint, first_stage, n_regions, shard_size, shards and row counts
-    shard-00000/
-        regions.npy      (shard_size, n_regions, d) float16: encoded regions, memory-mapped
-        boxes.npy        (shard_size, n_regions, 4) float32: region boxes, NaN where not given
-        ids.json         the image ids, in row order
-        ann.faiss        the shard's FAISS index: its first-stage image vectors (read into RAM)
-    shard-00001/ ...
-
-The arrays are preallocated to ``shard_size`` rows when a shard is opened (sparse on disk until
-written) and only the first ``count`` rows, as recorded in the manifest, are valid. ``add`` writes
-into the last shard and starts a new one when it is full; full shards are never written again, so
-adding images never rebuilds the existing index. The manifest is replaced last and atomically, so
-an interrupted ``add`` leaves the index as it was before it (a FAISS file that ran ahead of the
-manifest is cut back on open).
-
-Sharding and the merge at query time. Each shard is self-contained (its arrays and its own FAISS
-index), so shards can be served by different processes or machines, and a gallery larger than one
-machine's RAM is spread over them. For each caption:
+Sharding and the merge at query time: each shard is self-contained (its arrays and its own FAISS
+index, :mod:`adapt.search.shard`), so shards can be served by different processes or machines,
+and a gallery larger than one machine's RAM is spread over them. For each caption:
 
 1. every shard returns its K best first-stage candidates as ``(first-stage score, row)``;
 2. the coordinator keeps the K best of all of them (first-stage scores are comparable across
@@ -65,9 +22,6 @@ machine's RAM is spread over them. For each caption:
 Only the query and ``(score, id)`` lists cross shard boundaries, never image features: in
 :class:`GalleryIndex` the shards are local folders called in turn, and a remote shard (holding a
 copy of the model) needs to expose just :meth:`Shard.first_stage` and :meth:`Shard.exact_scores`.
-
-Recall of the first stage against exhaustive ADAPT is what ``candidates`` trades against latency;
-``benchmarks/search_scale.py`` measures it.
 """
 
 from __future__ import annotations
@@ -75,31 +29,25 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import os
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence, TypeVar
+from typing import Any, Iterable, Sequence, TypeVar
 
-import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adapt.io import atomic_write
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
-from adapt.similarity import masked_mean
+from adapt.search.first_stage import FIRST_STAGES, FirstStage, caption_queries, image_vectors, vector_size
+from adapt.search.shard import GalleryIndexError, Shard, write_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "adapt-gallery-index"
 FORMAT_VERSION = 2  # 2: the model's config hash leaves out its extractor, compared by check_extractor
 DEFAULT_SHARD_SIZE = 250_000
 DEFAULT_CANDIDATES = 200  # twice the K that recalled the whole top-10 of 10k to 1M synthetic images
-ANN_MIN_ROWS = 20_000  # below this an exact scan of a shard takes about a millisecond
-REFINE_FACTOR = 8  # the compressed index re-scores exactly this many times the hits asked of it
-POOL_FACTOR = 5  # "fovea-max": hits by inner product re-scored with the hard-fovea cosine, per K
 ENCODE_BATCH = 512  # images per encode_regions call in add()
 SCORE_BATCH_BYTES = 256 * 2**20  # float32 regions per exact-scoring chunk in search_exhaustive()
 PROGRESS_MIN_ROWS = 10_000
@@ -107,12 +55,6 @@ OTHER_MODEL = ("Its stored region features only mean something to that model: op
                "built with, or build a new index for this one with GalleryIndex.create")
 
 T = TypeVar("T")
-FirstStage = Literal["fovea-max", "mean"]
-FIRST_STAGES = ("fovea-max", "mean")
-
-
-class GalleryIndexError(RuntimeError):
-    """An index that cannot be created, opened or used as asked (clear reason in the message)."""
 
 
 @dataclass
@@ -132,91 +74,6 @@ class SearchResult:
     shards: np.ndarray
     rows: np.ndarray
     boxes: np.ndarray
-
-
-# -- the math: pure functions ------------------------------------------------------------------
-
-
-def image_vectors(model: AdaptModel, kind: FirstStage, regions: torch.Tensor) -> torch.Tensor:
-    """First-stage image vectors (see the module docstring).
-
-    ``regions (n, n_regions, d)`` encoded -> ``(n, 2d)`` for ``"fovea-max"``, ``(n, d)`` for ``"mean"``.
-    """
-    if kind == "mean":
-        return F.normalize(regions.mean(dim=1), dim=-1)
-    normed = model.similarity.heads["t2i"].prepare_images(regions)  # (n, n_regions, d)
-    return torch.cat([normed.amax(dim=1), normed.amin(dim=1)], dim=-1)
-
-
-def caption_queries(
-    model: AdaptModel, kind: FirstStage, words: torch.Tensor, mask: torch.Tensor
-) -> np.ndarray:
-    """What the first stage needs of each caption (see the module docstring).
-
-    ``words (n, t, d)`` encoded and ``mask (n, t)`` -> ``(n, 3d)`` float32 ``[q, s, beta]`` for
-    ``"fovea-max"``, ``(n, d)`` unit ``q`` for ``"mean"``.
-    """
-    if kind == "mean":
-        return F.normalize(masked_mean(words, mask), dim=-1).detach().float().cpu().numpy()
-    captions = model.similarity.heads["t2i"].prepare_queries(words, mask)
-    return torch.cat([captions.query, captions.scale, captions.shift], dim=-1).detach().float().cpu().numpy()
-
-
-def ann_queries(kind: FirstStage, queries: np.ndarray) -> np.ndarray:
-    """Caption vectors for the inner-product index: ``(n, 3d)`` or ``(n, d)`` -> ``(n, dim)``."""
-    if kind == "mean":
-        return queries
-    query, scale, _ = np.split(queries, 3, axis=-1)
-    weighted = query * scale
-    return np.concatenate([weighted * (scale > 0), weighted * (scale < 0)], axis=-1)
-
-
-def first_stage_scores(kind: FirstStage, query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """One caption's first-stage scores of images: ``query`` as from :func:`caption_queries`,
-    image ``vectors (m, dim)`` -> ``(m,)``: the hard-fovea T2I cosine, or the cosine of means."""
-    if kind == "mean":
-        return vectors @ query
-    mean_word, scale, shift = np.split(query, 3)
-    d = len(mean_word)
-    extreme = np.where(scale > 0, vectors[:, :d], vectors[:, d:])
-    pooled = scale * extreme + shift
-    norms = np.linalg.norm(pooled, axis=1) * np.linalg.norm(mean_word)
-    return pooled @ mean_word / np.maximum(norms, 1e-12)
-
-
-def vector_size(model: AdaptModel, kind: FirstStage) -> int:
-    return model.config.latent_size * (2 if kind == "fovea-max" else 1)
-
-
-def build_ann(vectors: np.ndarray) -> faiss.Index:
-    """A FAISS inner-product index over first-stage ``vectors (n, dim)`` float32.
-
-    ``IndexFlatIP`` (exact) below ``ANN_MIN_ROWS`` rows. Above, PQ fast-scan (4-bit codes, one
-    sub-quantizer per 4 dimensions, trained on the first ``ANN_MIN_ROWS`` vectors) whose
-    ``REFINE_FACTOR`` times as many best as asked are re-scored exactly (``IndexRefineFlat``), so
-    the scores it returns are exact and comparable across shards, and it keeps the vectors for
-    :meth:`faiss.Index.reconstruct_batch`. Measured on "fovea-max" vectors of 100k synthetic
-    images (``benchmarks/search_scale.py``; one thread, per query in batches of 50), recall of the
-    exhaustive ADAPT top-10 among the 300 best by inner product: flat 1.000 (13 ms), this index
-    0.996 (1.2 ms), IVF-Flat with 512 lists 0.898 / 0.956 / 0.982 probing 32 / 64 / 128 lists
-    (0.9 / 1.8 / 3.9 ms); HNSW (M 32, efSearch 256) found only 0.61 of the flat top-300. The
-    vectors share a large common component, which coarse quantizers split badly.
-    """
-    n, dim = vectors.shape
-    if n < ANN_MIN_ROWS:
-        index: faiss.Index = faiss.IndexFlatIP(dim)
-    else:
-        factory = f"PQ{_subquantizers(dim)}x4fs,RFlat"
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        index.k_factor = REFINE_FACTOR
-        index.train(vectors[:ANN_MIN_ROWS])
-    index.add(vectors)
-    return index
-
-
-def _subquantizers(dim: int) -> int:
-    """The most PQ sub-quantizers of at least 4 dimensions that divide ``dim``."""
-    return next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
 
 
 def top_candidates(
@@ -272,162 +129,11 @@ def model_fingerprint(model: AdaptModel) -> dict[str, Any]:
     }
 
 
-# -- I/O ----------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never half of it."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
-
-
-def _write_ann(path: Path, index: faiss.Index) -> None:
-    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
-
-
 def _float_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
     """A float32 tensor of an array, a read-only memmap slice, or a tensor (which stays put)."""
     if isinstance(values, torch.Tensor):
         return values.float()
     return torch.from_numpy(np.array(values, dtype=np.float32))
-
-
-class Shard:
-    """One self-contained part of a gallery: its arrays (memory-mapped) and its FAISS index.
-
-    Attributes:
-        folder: where it lives.
-        count: valid rows.
-        capacity: rows it can hold (the index's ``shard_size``).
-        regions: ``(count, n_regions, d)`` float16 memmap of encoded regions.
-        boxes: ``(count, n_regions, 4)`` float32 memmap.
-        ids: ``count`` image ids.
-        ann: the FAISS index holding the ``count`` first-stage image vectors.
-    """
-
-    def __init__(self, folder: Path, count: int, capacity: int) -> None:
-        self.folder = folder
-        self.capacity = capacity
-        self.count = count
-        try:
-            self._files = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
-                           for name in ("regions", "boxes")}
-            self.ids: list[str] = json.loads((folder / "ids.json").read_text())[:count]
-            self.ann = faiss.read_index(str(folder / "ann.faiss"))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise GalleryIndexError(f"shard {folder} is missing or unreadable ({e}); the index is "
-                                    "damaged: rebuild it with GalleryIndex.create") from e
-        if (len(self.ids) != count or self.ann.ntotal < count
-                or any(len(a) != capacity for a in self._files.values())):
-            raise GalleryIndexError(f"shard {folder} does not match the manifest ({count} rows of "
-                                    f"{capacity}); the index is damaged: rebuild it")
-        if self.ann.ntotal > count:  # an add was interrupted after the FAISS file was replaced
-            self.ann = build_ann(self.ann.reconstruct_n(0, count))
-
-    @property
-    def regions(self) -> np.ndarray:
-        return self._files["regions"][: self.count]
-
-    @property
-    def boxes(self) -> np.ndarray:
-        return self._files["boxes"][: self.count]
-
-    @classmethod
-    def allocate(
-        cls, folder: Path, capacity: int, n_regions: int, latent_size: int, vector_size: int
-    ) -> "Shard":
-        """Create an empty shard whose arrays hold ``capacity`` rows."""
-        # A folder left by an add() that died before the manifest listed it is reused.
-        folder.mkdir(parents=True, exist_ok=True)
-        shapes = {"regions": ((capacity, n_regions, latent_size), np.float16),
-                  "boxes": ((capacity, n_regions, 4), np.float32)}
-        for name, (shape, dtype) in shapes.items():
-            # open_memmap only extends the file to its full size: sparse until rows are written.
-            path = folder / f"{name}.npy"
-            np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-        _write_json(folder / "ids.json", [])
-        _write_ann(folder / "ann.faiss", faiss.IndexFlatIP(vector_size))
-        return cls(folder, 0, capacity)
-
-    def append(
-        self, regions: np.ndarray, vectors: np.ndarray, boxes: np.ndarray, ids: list[str]
-    ) -> None:
-        """Append ``n`` images: encoded ``regions (n, n_regions, d)``, first-stage ``vectors
-        (n, dim)`` float32, ``boxes (n, n_regions, 4)`` and their ids.
-
-        The arrays are written in place; the FAISS index and ids are saved by :meth:`save`.
-        """
-        start, stop = self.count, self.count + len(ids)
-        for name, values in (("regions", regions.astype(np.float16)), ("boxes", boxes)):
-            out = np.load(self.folder / f"{name}.npy", mmap_mode="r+")
-            out[start:stop] = values
-            out.flush()
-        self.ids.extend(ids)
-        self.count = stop
-        self.ann.add(vectors)
-        if isinstance(self.ann, faiss.IndexFlat) and stop >= ANN_MIN_ROWS:
-            self.ann = build_ann(self.ann.reconstruct_n(0, stop))
-
-    def save(self) -> None:
-        """Persist the ids and the FAISS index (the arrays are already on disk)."""
-        _write_json(self.folder / "ids.json", self.ids)
-        _write_ann(self.folder / "ann.faiss", self.ann)
-
-    def first_stage(
-        self, kind: FirstStage, queries: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """This shard's ``k`` best images for each caption by first-stage score.
-
-        Args:
-            kind: the index's first stage.
-            queries: ``(n_captions, qdim)`` from :func:`caption_queries`.
-
-        Returns:
-            ``scores (n_captions, k')`` and ``rows (n_captions, k')``, best first (``-1``: no hit).
-        """
-        pool = min(self.count, k * (POOL_FACTOR if kind == "fovea-max" else 1))
-        _, rows = self.ann.search(ann_queries(kind, queries), pool)
-        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
-        for i, (query, found) in enumerate(zip(queries, rows)):
-            hit = found >= 0
-            scores[i, hit] = first_stage_scores(kind, query, self.ann.reconstruct_batch(found[hit]))
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, best, axis=1), np.take_along_axis(rows, best, axis=1)
-
-    def _prefetch(self, rows: np.ndarray) -> None:
-        """Ask the kernel to read these rows' regions now, all at once: when the gallery does not
-        fit in the page cache, the missing rows then cost about one disk round trip together
-        instead of one each as the memmap faults them in."""
-        if not hasattr(os, "posix_fadvise"):  # not on macOS or Windows
-            return
-        regions = self._files["regions"]
-        row_bytes = regions[0].nbytes
-        fd = os.open(regions.filename, os.O_RDONLY)
-        try:
-            for row in rows:
-                start = regions.offset + int(row) * row_bytes
-                os.posix_fadvise(fd, start, row_bytes, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-
-    def exact_scores(
-        self,
-        model: AdaptModel,
-        rows: np.ndarray | slice,
-        words: torch.Tensor,
-        mask: torch.Tensor,
-        directions: tuple[str, ...] | None,
-    ) -> np.ndarray:
-        """ADAPT scores ``(len(rows), n_captions)`` of the given rows against encoded captions."""
-        if not isinstance(rows, slice):
-            self._prefetch(rows)
-        picked = self.regions[rows]  # fancy indexing reads a copy; a slice is a read-only view
-        # torch converts float16 to float32 faster than numpy does.
-        half = torch.from_numpy(picked if picked.flags.writeable else np.array(picked))
-        regions = half.to(model.device, torch.float32)
-        return model.similarity(regions, words, mask, directions=directions).scores.float().cpu().numpy()
-
-
-# -- the index ------------------------------------------------------------------------------------
 
 
 class GalleryIndex:
@@ -503,7 +209,7 @@ class GalleryIndex:
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model_fingerprint(model),
                     "first_stage": first_stage, "shard_size": shard_size, "n_regions": None,
                     "shards": [], "count": 0}
-        _write_json(folder / MANIFEST_NAME, manifest)
+        write_json(folder / MANIFEST_NAME, manifest)
         return cls(folder, model, manifest)
 
     @classmethod
@@ -577,7 +283,7 @@ class GalleryIndex:
             self.shards[i].save()
         self._manifest["shards"] = [{"name": s.folder.name, "count": s.count} for s in self.shards]
         self._manifest["count"] = len(self)
-        _write_json(self.folder / MANIFEST_NAME, self._manifest)
+        write_json(self.folder / MANIFEST_NAME, self._manifest)
 
     def _check_add(self, features: Any, boxes: Any, ids: Sequence[str]) -> None:
         n = len(features)

@@ -1,0 +1,70 @@
+"""Two-stage gallery search over ADAPT image features, for galleries of millions of images.
+
+ADAPT-T2I cannot be indexed like a two-tower model: the caption adapts every image's regions, so
+scoring one (caption, image) pair costs ``n_regions x d`` exponentials, and exhaustive search over
+a large gallery is far too slow for a query. Search therefore runs in two stages, one module each:
+
+- :mod:`adapt.search.first_stage`: the maths of the first stage, query-independent vectors of
+  images and captions (a hard-fovea limit of T2I, or the mean vectors) and the FAISS index over
+  the image vectors, which picks ``candidates`` (K) images per caption;
+- :mod:`adapt.search.index`: :class:`GalleryIndex`, the coordinator: it gathers every shard's
+  candidates, has them re-ranked with exact ADAPT scores and merges the shards' results;
+- :mod:`adapt.search.shard`: the storage, self-contained memory-mapped shards that grow by
+  appending and can be served from separate machines.
+
+Recall of the first stage against exhaustive ADAPT is what ``candidates`` trades against latency;
+``benchmarks/search_scale.py`` measures it.
+
+Example::
+
+    from adapt.search import GalleryIndex
+
+    index = GalleryIndex.create("gallery", model)
+    index.add(region_features, boxes, ids)            # (n, r, region_dim), (n, r, 4), n ids
+    hits = GalleryIndex.open("gallery", model).search(["a dog on a bench"], top_k=10)[0]
+"""
+
+from adapt.search.first_stage import (
+    ANN_MIN_ROWS,
+    FIRST_STAGES,
+    POOL_FACTOR,
+    REFINE_FACTOR,
+    FirstStage,
+    ann_queries,
+    build_ann,
+    caption_queries,
+    first_stage_scores,
+    image_vectors,
+)
+from adapt.search.index import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_SHARD_SIZE,
+    GalleryIndex,
+    SearchResult,
+    merge_top_k,
+    model_fingerprint,
+    top_candidates,
+)
+from adapt.search.shard import GalleryIndexError, Shard
+
+__all__ = [
+    "ANN_MIN_ROWS",
+    "DEFAULT_CANDIDATES",
+    "DEFAULT_SHARD_SIZE",
+    "FIRST_STAGES",
+    "POOL_FACTOR",
+    "REFINE_FACTOR",
+    "FirstStage",
+    "GalleryIndex",
+    "GalleryIndexError",
+    "SearchResult",
+    "Shard",
+    "ann_queries",
+    "build_ann",
+    "caption_queries",
+    "first_stage_scores",
+    "image_vectors",
+    "merge_top_k",
+    "model_fingerprint",
+    "top_candidates",
+]

@@ -1,0 +1,187 @@
+"""Storage of a gallery index: self-contained, memory-mapped shards.
+
+An index is a folder::
+
+    manifest.json        model fingerprint, first_stage, n_regions, shard_size, shards and row counts
+    shard-00000/
+        regions.npy      (shard_size, n_regions, d) float16: encoded regions, memory-mapped
+        boxes.npy        (shard_size, n_regions, 4) float32: region boxes, NaN where not given
+        ids.json         the image ids, in row order
+        ann.faiss        the shard's FAISS index: its first-stage image vectors (read into RAM)
+    shard-00001/ ...
+
+The arrays are preallocated to ``shard_size`` rows when a shard is opened (sparse on disk until
+written) and only the first ``count`` rows, as recorded in the manifest, are valid. ``add`` writes
+into the last shard and starts a new one when it is full; full shards are never written again, so
+adding images never rebuilds the existing index. The manifest is replaced last and atomically, so
+an interrupted ``add`` leaves the index as it was before it (a FAISS file that ran ahead of the
+manifest is cut back on open).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from adapt.io import atomic_write
+from adapt.model import AdaptModel
+from adapt.search.first_stage import (
+    POOL_FACTOR,
+    FirstStage,
+    ann_queries,
+    build_ann,
+    extend_ann,
+    first_stage_scores,
+)
+
+
+class GalleryIndexError(RuntimeError):
+    """An index that cannot be created, opened or used as asked (clear reason in the message)."""
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: readers see the old file or the new one, never half of it."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+
+
+def _write_ann(path: Path, index: faiss.Index) -> None:
+    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+
+class Shard:
+    """One self-contained part of a gallery: its arrays (memory-mapped) and its FAISS index.
+
+    Attributes:
+        folder: where it lives.
+        count: valid rows.
+        capacity: rows it can hold (the index's ``shard_size``).
+        regions: ``(count, n_regions, d)`` float16 memmap of encoded regions.
+        boxes: ``(count, n_regions, 4)`` float32 memmap.
+        ids: ``count`` image ids.
+        ann: the FAISS index holding the ``count`` first-stage image vectors.
+    """
+
+    def __init__(self, folder: Path, count: int, capacity: int) -> None:
+        self.folder = folder
+        self.capacity = capacity
+        self.count = count
+        try:
+            self._files = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
+                           for name in ("regions", "boxes")}
+            self.ids: list[str] = json.loads((folder / "ids.json").read_text())[:count]
+            self.ann = faiss.read_index(str(folder / "ann.faiss"))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise GalleryIndexError(f"shard {folder} is missing or unreadable ({e}); the index is "
+                                    "damaged: rebuild it with GalleryIndex.create") from e
+        if (len(self.ids) != count or self.ann.ntotal < count
+                or any(len(a) != capacity for a in self._files.values())):
+            raise GalleryIndexError(f"shard {folder} does not match the manifest ({count} rows of "
+                                    f"{capacity}); the index is damaged: rebuild it")
+        if self.ann.ntotal > count:  # an add was interrupted after the FAISS file was replaced
+            self.ann = build_ann(self.ann.reconstruct_n(0, count))
+
+    @property
+    def regions(self) -> np.ndarray:
+        return self._files["regions"][: self.count]
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self._files["boxes"][: self.count]
+
+    @classmethod
+    def allocate(
+        cls, folder: Path, capacity: int, n_regions: int, latent_size: int, vector_size: int
+    ) -> "Shard":
+        """Create an empty shard whose arrays hold ``capacity`` rows."""
+        # A folder left by an add() that died before the manifest listed it is reused.
+        folder.mkdir(parents=True, exist_ok=True)
+        shapes = {"regions": ((capacity, n_regions, latent_size), np.float16),
+                  "boxes": ((capacity, n_regions, 4), np.float32)}
+        for name, (shape, dtype) in shapes.items():
+            # open_memmap only extends the file to its full size: sparse until rows are written.
+            path = folder / f"{name}.npy"
+            np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+        write_json(folder / "ids.json", [])
+        _write_ann(folder / "ann.faiss", faiss.IndexFlatIP(vector_size))
+        return cls(folder, 0, capacity)
+
+    def append(
+        self, regions: np.ndarray, vectors: np.ndarray, boxes: np.ndarray, ids: list[str]
+    ) -> None:
+        """Append ``n`` images: encoded ``regions (n, n_regions, d)``, first-stage ``vectors
+        (n, dim)`` float32, ``boxes (n, n_regions, 4)`` and their ids.
+
+        The arrays are written in place; the FAISS index and ids are saved by :meth:`save`.
+        """
+        start, stop = self.count, self.count + len(ids)
+        for name, values in (("regions", regions.astype(np.float16)), ("boxes", boxes)):
+            out = np.load(self.folder / f"{name}.npy", mmap_mode="r+")
+            out[start:stop] = values
+            out.flush()
+        self.ids.extend(ids)
+        self.count = stop
+        self.ann = extend_ann(self.ann, vectors)
+
+    def save(self) -> None:
+        """Persist the ids and the FAISS index (the arrays are already on disk)."""
+        write_json(self.folder / "ids.json", self.ids)
+        _write_ann(self.folder / "ann.faiss", self.ann)
+
+    def first_stage(
+        self, kind: FirstStage, queries: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's ``k`` best images for each caption by first-stage score.
+
+        Args:
+            kind: the index's first stage.
+            queries: ``(n_captions, qdim)`` from :func:`caption_queries`.
+
+        Returns:
+            ``scores (n_captions, k')`` and ``rows (n_captions, k')``, best first (``-1``: no hit).
+        """
+        pool = min(self.count, k * (POOL_FACTOR if kind == "fovea-max" else 1))
+        _, rows = self.ann.search(ann_queries(kind, queries), pool)
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for i, (query, found) in enumerate(zip(queries, rows)):
+            hit = found >= 0
+            scores[i, hit] = first_stage_scores(kind, query, self.ann.reconstruct_batch(found[hit]))
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, best, axis=1), np.take_along_axis(rows, best, axis=1)
+
+    def _prefetch(self, rows: np.ndarray) -> None:
+        """Ask the kernel to read these rows' regions now, all at once: when the gallery does not
+        fit in the page cache, the missing rows then cost about one disk round trip together
+        instead of one each as the memmap faults them in."""
+        if not hasattr(os, "posix_fadvise"):  # not on macOS or Windows
+            return
+        regions = self._files["regions"]
+        row_bytes = regions[0].nbytes
+        fd = os.open(regions.filename, os.O_RDONLY)
+        try:
+            for row in rows:
+                start = regions.offset + int(row) * row_bytes
+                os.posix_fadvise(fd, start, row_bytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def exact_scores(
+        self,
+        model: AdaptModel,
+        rows: np.ndarray | slice,
+        words: torch.Tensor,
+        mask: torch.Tensor,
+        directions: tuple[str, ...] | None,
+    ) -> np.ndarray:
+        """ADAPT scores ``(len(rows), n_captions)`` of the given rows against encoded captions."""
+        if not isinstance(rows, slice):
+            self._prefetch(rows)
+        picked = self.regions[rows]  # fancy indexing reads a copy; a slice is a read-only view
+        # torch converts float16 to float32 faster than numpy does.
+        half = torch.from_numpy(picked if picked.flags.writeable else np.array(picked))
+        regions = half.to(model.device, torch.float32)
+        return model.similarity(regions, words, mask, directions=directions).scores.float().cpu().numpy()
