@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -207,12 +207,15 @@ class TransformerTextEncoder(nn.Module):
     Args:
         name: Hub id or local folder (see :func:`resolve_transformer`).
         latent_size: ``d``.
-        finetune: train the transformer; otherwise it is frozen and kept in eval mode.
+        finetune: train the transformer; otherwise it is frozen and kept in eval mode, and its
+            states are memoised per caption (see :meth:`hidden_states`).
         max_tokens: cut captions to this many word pieces (default: the model's limit).
+        memo_captions: how many captions' frozen states to keep (a training set's captions are
+            seen every epoch: memoised, a frozen MiniLM costs nothing after the first).
     """
 
     def __init__(self, name: str, latent_size: int, finetune: bool = False,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, memo_captions: int = 200_000) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -223,6 +226,8 @@ class TransformerTextEncoder(nn.Module):
         self.backbone.requires_grad_(finetune)
         self.max_tokens = max_tokens or min(self.tokenizer.model_max_length, 512)
         self.proj = nn.Linear(self.backbone.config.hidden_size, latent_size)
+        self.memo_captions = memo_captions
+        self._memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     def train(self, mode: bool = True) -> "TransformerTextEncoder":
         super().train(mode)
@@ -240,10 +245,30 @@ class TransformerTextEncoder(nn.Module):
         return TokenBatch(encoded["input_ids"], encoded["attention_mask"].bool())
 
     def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
-        """The transformer's last hidden states, ``(n, t, hidden_size)``."""
+        """The transformer's last hidden states, ``(n, t, hidden_size)`` (padding: zeros).
+
+        A frozen transformer's states depend on the caption alone, so they are memoised per caption
+        (least recently used first out, at most ``memo_captions``); only new captions run through it.
+        """
         batch = batch.to(self.proj.weight.device)
-        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
-            return self.backbone(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
+        if self.finetune:
+            with torch.set_grad_enabled(torch.is_grad_enabled()):
+                hidden = self.backbone(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
+            return hidden * batch.mask.unsqueeze(-1)
+        keys = [ids[mask].cpu().numpy().tobytes() for ids, mask in zip(batch.ids, batch.mask)]
+        new = sorted({keys.index(key) for key in keys if key not in self._memo})
+        if new:
+            with torch.no_grad():
+                states = self.backbone(input_ids=batch.ids[new], attention_mask=batch.mask[new].long()).last_hidden_state
+            for row, i in enumerate(new):
+                self._memo[keys[i]] = states[row][batch.mask[i]].clone()
+        hidden = torch.zeros(*batch.ids.shape, self.backbone.config.hidden_size, device=batch.ids.device)
+        for i, key in enumerate(keys):
+            self._memo.move_to_end(key)
+            hidden[i][batch.mask[i]] = self._memo[key]
+        while len(self._memo) > self.memo_captions:
+            self._memo.popitem(last=False)
+        return hidden
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """``TokenBatch (n, t)`` -> ``(n, t, d)`` unit-norm token features (padding: zeros)."""

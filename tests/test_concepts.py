@@ -1,0 +1,107 @@
+"""Concept-grounded regions (ConSE): the concept vectors, the ConSE start, checkpoints, and the
+frozen transformer's memoised states."""
+
+import pytest
+import torch
+
+from adapt import AdaptConfig, AdaptModel
+from adapt.concepts import default_concepts, embed_names
+from adapt.regions.base import LABEL_DIM
+
+BACKBONE = 1280
+REGION_DIM = BACKBONE + LABEL_DIM + 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = AdaptConfig(region_dim=REGION_DIM, latent_size=768, similarity="ensemble", text_encoder="transformer",
+                         region_encoder="concepts", concepts=default_concepts(top_k=3))
+    torch.manual_seed(0)
+    return AdaptModel(config).eval()
+
+
+def features(n_images=2, n_regions=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    backbone = torch.rand(n_images, n_regions, BACKBONE, generator=g)
+    labels = torch.zeros(n_images, n_regions, LABEL_DIM)
+    labels[0, 1, 0] = 0.9  # a "person" at 0.9 in image 0, region 1
+    geometry = torch.rand(n_images, n_regions, 5, generator=g)
+    return torch.cat([backbone, labels, geometry], dim=-1)
+
+
+def test_the_default_concepts_name_every_imagenet_class_and_coco_slot():
+    concepts = default_concepts()
+    assert len(concepts["classes"]) == 1000 and concepts["classes"][281] == "tabby"
+    assert len(concepts["labels"]) == LABEL_DIM and concepts["labels"][0] == "person"
+
+
+def test_concept_vectors_weight_the_top_k_class_names_and_the_detector_labels(model):
+    encoder, x = model.region_encoder, features()
+    probs = torch.softmax(encoder.classifier(x[..., :BACKBONE]), dim=-1)
+    expected = torch.zeros(*x.shape[:2], encoder.class_names.shape[1])
+    for i in range(x.shape[0]):
+        for r in range(x.shape[1]):
+            top = torch.topk(probs[i, r], 3)
+            expected[i, r] = (top.values[:, None] * encoder.class_names[top.indices]).sum(0)
+    expected[0, 1] += 0.9 * encoder.label_names[0]
+    torch.testing.assert_close(encoder.concept_vectors(x), expected)
+
+
+def test_a_fresh_model_starts_from_the_names_embedded_by_its_own_text_encoder(model):
+    encoder = model.region_encoder
+    torch.testing.assert_close(encoder.class_names[281], embed_names(model.text_encoder, ["tabby"])[0])
+    torch.testing.assert_close(encoder.label_names[0], embed_names(model.text_encoder, ["person"])[0])
+    # [I; -I] on both sides, and no raw-feature term: the region's latent is its concept vector, signed.
+    assert torch.count_nonzero(encoder.fc.weight) == 0
+    eye = torch.eye(384)
+    torch.testing.assert_close(encoder.fc_concepts.weight, torch.cat([eye, -eye]))
+    torch.testing.assert_close(model.text_encoder.proj.weight, torch.cat([eye, -eye]))
+    # Its frozen parts stay frozen in training.
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not trainable & {"region_encoder.classifier.weight", "region_encoder.class_names",
+                            "region_encoder.label_names"}
+
+
+def test_a_caption_naming_a_regions_concept_scores_higher_at_the_start(model):
+    x = features(n_images=1, n_regions=2)
+    x[0, :, :BACKBONE] = 0
+    x[0, 0, BACKBONE] = 1.0  # one region: the detector's "person" at full score
+    scores = model.score(x, ["a person", "a bowl of soup"], directions=("t2i",)).scores
+    assert scores[0, 0] > scores[0, 1]
+
+
+def test_a_concept_checkpoint_carries_its_tables_and_scores_the_same(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = AdaptModel.from_pretrained(tmp_path)
+    x = features()
+    captions = ["a tabby cat", "two people on a beach"]
+    torch.testing.assert_close(loaded.score(x, captions).scores, model.score(x, captions).scores)
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 30 * 2**20
+
+
+def test_memoised_transformer_states_equal_fresh_ones_and_stay_bounded(model):
+    text = model.text_encoder
+    captions = ["a dog running on the grass", "a cat", "a red bus in a busy street"]
+    batch = text.tokenize(captions)
+    with torch.no_grad():
+        fresh = text.backbone(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
+    fresh = fresh * batch.mask.unsqueeze(-1)
+    text._memo.clear()
+    torch.testing.assert_close(text.hidden_states(batch), fresh, atol=1e-5, rtol=1e-4)
+    assert len(text._memo) == 3
+    # A second batch mixing known and new captions, padded differently, gives the same states.
+    again = text.tokenize(["a cat", "an astronaut floating above the earth in a white suit"])
+    states = text.hidden_states(again)
+    torch.testing.assert_close(states[0, : int(again.mask[0].sum())], fresh[1, : int(batch.mask[1].sum())],
+                               atol=1e-5, rtol=1e-4)
+    old_limit, text.memo_captions = text.memo_captions, 2
+    try:
+        text.hidden_states(text.tokenize(["a boat"]))
+        assert len(text._memo) == 2
+    finally:
+        text.memo_captions = old_limit
+
+
+def test_concepts_need_the_transformer_text_encoder():
+    with pytest.raises(ValueError, match="needs text_encoder=\"transformer\""):
+        AdaptConfig(region_dim=REGION_DIM, latent_size=768, region_encoder="concepts", concepts=default_concepts())
