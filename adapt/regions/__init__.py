@@ -7,6 +7,8 @@ Example::
     extractor = build_extractor()                 # SSD-MobileNet-v2 boxes + EfficientNet-Lite0 features
     regions = extractor.extract("photo.jpg")      # Regions: boxes (36, 4), features (36, 1280), ...
     check_extractor(model.config.extractor, extractor.identity)   # refuses features of another extractor
+
+    paper = build_extractor("bottom-up-attention")  # the paper's 36 x 2048 features (fetches 250 MB once)
 """
 
 from adapt.regions.base import (
@@ -22,6 +24,7 @@ from adapt.regions.base import (
     fill_boxes,
     identity_differences,
 )
+from adapt.regions.bottom_up import BottomUpAttentionExtractor
 from adapt.regions.coco_names import COCO_NAMES, coco_name
 from adapt.regions.factory import BACKENDS, DEFAULT_EXTRACTOR, build_extractor
 from adapt.regions.faster_rcnn import FasterRcnnExtractor
@@ -30,6 +33,7 @@ from adapt.regions.ssd import SsdEfficientNetExtractor
 
 __all__ = [
     "BACKENDS",
+    "BottomUpAttentionExtractor",
     "COCO_NAMES",
     "DEFAULT_EXTRACTOR",
     "DEFAULT_MAX_PIXELS",

@@ -3,7 +3,9 @@ deterministic fills, RoI pooling, box geometry, and the extractor identity and i
 
 A backend only implements :meth:`RegionExtractor._detect` (detections + one backbone feature map per
 image) and :meth:`RegionExtractor._backend_identity`; everything that decides which boxes become
-regions and how they turn into vectors lives here, so all backends behave alike.
+regions and how they turn into vectors lives here, so all backends behave alike. The one exception
+is a detector whose published features are defined by their own selection and per-box head
+(bottom-up attention, ``bottom_up.py``): it overrides :meth:`RegionExtractor._extract_loaded`.
 """
 
 from __future__ import annotations
@@ -151,6 +153,12 @@ class RegionExtractor(ABC):
         return self.backbone_dim + (LABEL_DIM if self.with_labels else 0) + (GEOMETRY_DIM if self.with_geometry else 0)
 
     @property
+    def regions_per_image(self) -> tuple[int, int]:
+        """The fewest and the most regions an image gets: ``(num_regions, num_regions)``, since
+        fills complete every image; a variable count needs consumers that accept one."""
+        return self.num_regions, self.num_regions
+
+    @property
     def identity(self) -> dict[str, Any]:
         """A JSON-able description of everything that shapes the features (see :func:`check_extractor`)."""
         # The two options appear only when on, so identities written before they existed still match.
@@ -246,9 +254,10 @@ class RegionExtractor(ABC):
             image_size=(width, height),
         )
 
-    @abstractmethod
     def _detect(self, images: list[Image.Image]) -> list[Detections]:
-        """Detections and a whole-image feature map for each RGB image (working size)."""
+        """Detections and a whole-image feature map for each RGB image (working size); a backend
+        implements this, or overrides :meth:`_extract_loaded` when it selects and pools its own way."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _detect nor _extract_loaded")
 
     @abstractmethod
     def _backend_identity(self) -> dict[str, Any]:

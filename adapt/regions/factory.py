@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from adapt.regions.base import RegionExtractor, check_extractor
+from adapt.regions.bottom_up import BottomUpAttentionExtractor
 from adapt.regions.faster_rcnn import FasterRcnnExtractor
 from adapt.regions.ssd import SsdEfficientNetExtractor
 
 DEFAULT_EXTRACTOR = SsdEfficientNetExtractor.name
 BACKENDS: dict[str, type[RegionExtractor]] = {
-    backend.name: backend for backend in (SsdEfficientNetExtractor, FasterRcnnExtractor)
+    backend.name: backend for backend in (SsdEfficientNetExtractor, FasterRcnnExtractor, BottomUpAttentionExtractor)
 }
 
 
@@ -20,7 +21,7 @@ def build_extractor(identity_or_name: dict[str, Any] | str = DEFAULT_EXTRACTOR, 
 
     Args:
         identity_or_name: a backend name (:data:`BACKENDS`: ``"ssd-mobilenet-v2+efficientnet-lite0"``,
-            ``"faster-rcnn-r50-fpn"``) or an identity dict as :attr:`RegionExtractor.identity` returns.
+            ``"faster-rcnn-r50-fpn"``, ``"bottom-up-attention"``) or an identity dict as :attr:`RegionExtractor.identity` returns.
         allow_mismatch: for an identity, warn instead of raising when the rebuilt extractor differs.
         kwargs: constructor arguments of the backend (e.g. ``device``, or ``weights`` pointing at a
             local copy of the weights an identity names); they override the identity's values.
