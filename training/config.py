@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import yaml
 
 from adapt import AdaptConfig, ConfigError
+from adapt.regions import BACKENDS
 from adapt.similarity import DEFAULT_MEMORY_BUDGET_MB
 from training.data import CAPTIONS_PER_IMAGE
 from training.schedule import WarmupStepSchedule
@@ -38,6 +39,9 @@ class DataConfig:
     val_max_images: int | None = 1000  # reference: the first 5000 dev captions
     captions_per_image: int = CAPTIONS_PER_IMAGE
     vocab_min_count: int = 1
+    # A folder without extractor.json (SCAN / VSE precomp) does not say which region extractor made its
+    # features: name the backend here (bottom-up-attention for those files) so the checkpoint records it.
+    extractor: str | None = None
 
 
 @dataclass
@@ -112,6 +116,8 @@ class TrainConfig:
         bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
         if bad:
             raise ConfigError(f"these must be at least 1: {', '.join(bad)}")
+        if config.data.extractor is not None and config.data.extractor not in BACKENDS:
+            raise ConfigError(f"data.extractor={config.data.extractor!r} is no region extractor; known: {sorted(BACKENDS)}")
         return config
 
 

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from adapt import TokenBatch, tokenize
+from adapt.regions import build_extractor
 
 SPLITS = ("train", "dev", "test", "testall")
 CAPTIONS_PER_IMAGE = 5
@@ -128,6 +129,33 @@ def read_extractor(root: str | Path) -> dict[str, Any] | None:
         raise DatasetError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(identity, dict):
         raise DatasetError(f"{path}: expected a JSON object, got {type(identity).__name__}")
+    return identity
+
+
+def resolve_extractor(split: Split, name: str | None) -> dict[str, Any] | None:
+    """The identity of the region extractor that made ``split``'s features (``AdaptConfig.extractor``).
+
+    The folder's ``extractor.json`` says it; a folder without one (SCAN / VSE precomp files) says
+    nothing, and then ``name`` (``data.extractor``, e.g. ``"bottom-up-attention"``) does: that backend
+    is built (its weights fetched once) and its identity must fit the features' shape. ``None`` when
+    neither says: the checkpoint records an unknown origin, which serving new images refuses.
+
+    Raises:
+        DatasetError: ``name`` contradicts ``extractor.json``, or its features have another shape.
+    """
+    if split.extractor is not None:
+        if name is not None and split.extractor.get("name") != name:
+            raise DatasetError(f"{split.root / EXTRACTOR_FILE} names the extractor {split.extractor.get('name')!r}, "
+                               f"not data.extractor={name!r}; drop data.extractor, the folder says it")
+        return split.extractor
+    if name is None:
+        return None
+    identity = build_extractor(name, device="cpu").identity
+    made = (identity["num_regions"], identity["feature_dim"])
+    if made != (split.n_regions, split.region_dim):
+        raise DatasetError(f"{split}: features are {split.n_regions} x {split.region_dim} per image, but {name} makes "
+                           f"{made[0]} x {made[1]}: they come from another extractor or other settings, so "
+                           "data.extractor cannot name it; leave it unset (the origin stays unknown)")
     return identity
 
 

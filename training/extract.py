@@ -7,6 +7,9 @@ Usage::
         [--num-regions 36] [--with-geometry] [--with-labels] [--whole-image] [--batch-size 8] [--captions-per-image 5]
         [--weights FILE | --weights-repo ORG/NAME [--weights-file FILE]] [--restart]
 
+``--extractor bottom-up-attention`` gives the paper's features (the SCAN / VSE precomp files' 36 x
+2048); its weights default to the published ``unc-nlp/frcnn-vg-finetuned`` (fetched once, 250 MB).
+
 ``CAPTIONS`` is either
 
 - a Karpathy-style JSON file (Flickr30k / COCO): ``{"images": [{"filename", "split", "sentences":
@@ -64,6 +67,7 @@ from adapt.regions import (  # noqa: E402
     BACKENDS,
     DEFAULT_EXTRACTOR,
     DEFAULT_NUM_REGIONS,
+    BottomUpAttentionExtractor,
     ExtractorError,
     FasterRcnnExtractor,
     ImageError,
@@ -72,8 +76,11 @@ from adapt.regions import (  # noqa: E402
     identity_differences,
     load_image,
 )
+from adapt.regions.bottom_up import PUBLISHED_FILE, PUBLISHED_REPO  # noqa: E402
 from training.data import CAPTIONS_PER_IMAGE, EXTRACTOR_FILE  # noqa: E402
 
+# Backends whose weights --weights / --weights-repo point at, and the file a Hub repo holds by default.
+WEIGHTS_FILES = {FasterRcnnExtractor.name: "model.safetensors", BottomUpAttentionExtractor.name: PUBLISHED_FILE}
 # Karpathy split names -> precomp split names.
 KARPATHY_SPLITS = {"val": "dev", "restval": "train"}
 TEXT_FILES = ("caps", "ids", "skipped")
@@ -170,8 +177,13 @@ def extract_dataset(
     """Extract every split (or the given ``splits``) of ``records`` into ``out_dir``.
 
     Raises:
-        ExtractError: ``out_dir`` holds features of another extractor, or a split is unknown.
+        ExtractError: ``out_dir`` holds features of another extractor, a split is unknown, or the
+            extractor gives images different numbers of regions (the arrays need one).
     """
+    fewest, most = extractor.regions_per_image
+    if fewest != most:
+        raise ExtractError(f"{extractor.name} gives each image {fewest} to {most} regions, but the precomp arrays "
+                           "hold a fixed number per image; extract with min_regions equal to num_regions")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity_path = out_dir / EXTRACTOR_FILE
@@ -363,9 +375,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE,
                         help="captions kept per image; images with fewer are skipped")
     parser.add_argument("--default-split", default="train", help="split of CSV/JSONL rows without one")
-    parser.add_argument("--weights", type=Path, help=f"{FasterRcnnExtractor.name}: local weights file")
-    parser.add_argument("--weights-repo", help=f"{FasterRcnnExtractor.name}: Hub repo holding the weights")
-    parser.add_argument("--weights-file", default="model.safetensors", help="file name in --weights-repo")
+    with_weights = " / ".join(WEIGHTS_FILES)
+    parser.add_argument("--weights", type=Path, help=f"{with_weights}: local weights file")
+    parser.add_argument("--weights-repo", help=f"{with_weights}: Hub repo holding the weights "
+                                               f"({BottomUpAttentionExtractor.name}: default {PUBLISHED_REPO})")
+    parser.add_argument("--weights-file", help="file name in --weights-repo (default: "
+                                               + ", ".join(f"{name}: {file}" for name, file in WEIGHTS_FILES.items()) + ")")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--restart", action="store_true", help="discard earlier progress of the splits")
     return parser
@@ -379,13 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "with_labels": args.with_labels, "whole_image": args.whole_image,
                                "device": args.device}
     if args.weights or args.weights_repo:
-        if args.extractor != FasterRcnnExtractor.name:
-            parser.error(f"--weights / --weights-repo apply to --extractor {FasterRcnnExtractor.name} only")
+        if args.extractor not in WEIGHTS_FILES:
+            parser.error(f"--weights / --weights-repo apply to --extractor {' or '.join(WEIGHTS_FILES)} only")
         options.update({"weights": args.weights} if args.weights else
-                       {"repo_id": args.weights_repo, "filename": args.weights_file})
+                       {"repo_id": args.weights_repo, "filename": args.weights_file or WEIGHTS_FILES[args.extractor]})
     try:
         records = read_records(args.captions, args.default_split)
-        extractor = build_extractor(args.extractor, **options)
+        try:
+            extractor = build_extractor(args.extractor, **options)
+        except ValueError as e:  # settings the backend does not take, e.g. --with-labels
+            parser.error(str(e))
         extract_dataset(records, args.images, args.out, extractor, args.splits, args.batch_size,
                         args.captions_per_image, args.restart)
     except (ExtractError, ExtractorError) as e:
