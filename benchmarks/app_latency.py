@@ -6,7 +6,7 @@
 2. Search: the app's own search action over a gallery of 1,000 images (the regions of the sample
    photos, repeated with small feature noise so no two are alike), from caption to drawn results.
 
-    python benchmarks/app_latency.py [--runs 20] [--gallery 1000]
+    python -m benchmarks.app_latency [--runs 20] [--gallery 1000]     # from the repository root
 
 Targets on 2 CPU cores: rank p50 < 1.5 s, search p50 < 0.5 s.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import app  # noqa: E402
-from adapt.pipeline import DEFAULT_CHECKPOINT, Gallery, Retriever  # noqa: E402
+import app
+from adapt.pipeline import DEFAULT_CHECKPOINT, Gallery, Retriever
 
 CAPTIONS = "\n".join([
     "a mug", "a red apple", "an orange", "a butterfly", "a soccer ball", "a sliced lime",

@@ -10,10 +10,10 @@ It also measures the machine's exp throughput (vectorised expf on cache-resident
 prints the floor it implies: every pair needs n_locals x d exponentials. Each measurement runs in
 its own subprocess so that its peak RSS is its own.
 
-    python benchmarks/score_speed.py                      # 1000 images x 5000 captions, both directions
-    python benchmarks/score_speed.py --captions 500 --direction t2i
-    python benchmarks/score_speed.py --device cuda          # adds the PyTorch path on the GPU, checked
-                                                            # against the CPU loop's scores
+    python -m benchmarks.score_speed                      # 1000 images x 5000 captions, both directions
+    python -m benchmarks.score_speed --captions 500 --direction t2i
+    python -m benchmarks.score_speed --device cuda        # adds the PyTorch path on the GPU, checked
+                                                          # against the CPU loop's scores
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapt.similarity import ImageToText, TextToImage  # noqa: E402
+from adapt.similarity import ImageToText, TextToImage
 
 LATENT, REGIONS, TOKENS = 1024, 36, 12
+ROOT = Path(__file__).resolve().parents[1]  # where the children run, as python -m benchmarks.score_speed
 
 
 def inputs(n_images: int, n_captions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,8 +149,8 @@ def measure(method: str, direction: str, n_images: int, n_captions: int, budget:
 
 def run_child(*args: str) -> dict:
     env = {**os.environ, "ADAPT_FUSED": "0" if args[0] == "plain" else "1"}
-    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.score_speed", "--child", *args], cwd=ROOT,
+                         check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -25,8 +25,8 @@ without the disk for them. The gallery is written under ``--work`` and deleted a
 (``--keep`` keeps it). The timings are of one process on this machine: at 1M the regions may not
 fit in the page cache, and re-ranking then reads candidates from disk.
 
-    python benchmarks/search_scale.py                              # 10k, 100k, 1M
-    python benchmarks/search_scale.py --sizes 10000 100000 --candidates 300 1000
+    python -m benchmarks.search_scale                              # 10k, 100k, 1M
+    python -m benchmarks.search_scale --sizes 10000 100000 --candidates 300 1000
 """
 
 from __future__ import annotations
@@ -43,10 +43,8 @@ import faiss
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapt import AdaptConfig, AdaptModel, build_vocab  # noqa: E402
-from adapt.search import (  # noqa: E402
+from adapt import AdaptConfig, AdaptModel, build_vocab
+from adapt.search import (
     ANN_MIN_ROWS,
     DEFAULT_CANDIDATES,
     FIRST_STAGES,
@@ -55,7 +53,7 @@ from adapt.search import (  # noqa: E402
     GalleryIndex,
     SearchResult,
 )
-from training.synthetic import ConceptImages, concept_images, concept_prototypes, train_briefly  # noqa: E402
+from training.synthetic import ConceptImages, concept_images, concept_prototypes, train_briefly
 
 LATENT, REGIONS, REGION_DIM = 256, 36, 64
 N_CONCEPTS, CONCEPTS_PER_IMAGE, NOISE = 200, 3, 0.5

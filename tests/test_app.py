@@ -169,3 +169,17 @@ def test_spaces_header_matches_requirements_and_the_app():
     assert header["sdk"] == "gradio" and header["sdk_version"] == pins["gradio"]
     assert (app.ROOT / header["app_file"]).is_file()
     assert header["license"] == "apache-2.0"
+
+
+def test_pyproject_pins_are_those_spaces_and_the_tests_install():
+    import tomllib
+
+    def pins(lines):
+        return dict(line.split("==") for line in lines if "==" in line)
+
+    project = tomllib.loads((app.ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert pins(project["dependencies"] + extras["training"] + extras["app"]) == pins(
+        (app.ROOT / "requirements.txt").read_text().split())
+    assert pins(extras["tests"]) == pins((app.ROOT / "tests" / "requirements.txt").read_text().split())
+    assert "adapt[training,app]" in extras["tests"]
