@@ -1,6 +1,7 @@
-"""Region-extraction speed and peak memory of the default backend on real photos.
+"""Region-extraction speed and peak memory on real photos: the default backend and bottom-up attention.
 
-    python benchmarks/extract_speed.py [--repeats 3] [--num-regions 36]
+    python benchmarks/extract_speed.py [--repeats 3] [--num-regions 36] [--backend ssd|bottom-up|both]
+        [--photos N] [--small]
 
 Twelve real photos (scikit-image and scikit-learn samples, 300x451 to 1411x1411) are written as JPEG
 files, so decoding counts. Each configuration runs in its own process (its own peak RSS):
@@ -8,9 +9,16 @@ files, so decoding counts. Each configuration runs in its own process (its own p
 - ``detector only`` (baseline): decode + SSD-MobileNet-v2 in OpenCV, the floor any SSD-based
   extractor pays;
 - ``extract, batch 1``: decode + detection + EfficientNet-Lite0 features for k regions, one image per call;
-- ``extract, batch 8``: the same, eight images per call (as ``training.extract`` runs it).
+- ``extract, batch 8``: the same, eight images per call (as ``training.extract`` runs it);
+- ``bottom-up: backbone`` (its baseline): Caffe pre-processing + ResNet-101 up to res4 at the published
+  600 / 1000-px input, the floor of any ResNet-101 C4 detector;
+- ``bottom-up: extract``: the whole bottom-up-attention extractor at its published settings (300 RPN
+  proposals, each through res5; per-class NMS; k boxes). Its weights are random (the published
+  ones are not available offline; the cost does not depend on the values), written to a temporary file.
 
-The first pass over the photos is a warm-up and is not timed. Target: >= 5 images/s at k = 36 on 2 CPU
+``--small`` (3 photos, 1 timed pass) is a quick check; bottom-up attention costs seconds per image on CPU.
+
+The first pass over the photos is a warm-up and is not timed. Target (default backend): >= 5 images/s at k = 36 on 2 CPU
 cores. Besides wall-clock images/s, the CPU time per image (user + system, all threads) is printed, and
 the load average: other processes on the same cores slow the wall-clock numbers (and OpenMP threads
 that wait for a busy core spin, inflating the CPU time too).
@@ -33,7 +41,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = {"detector": "detector only (baseline)", "batch1": "extract, batch 1", "batch8": "extract, batch 8"}
+MODES = {"detector": "detector only (baseline)", "batch1": "extract, batch 1", "batch8": "extract, batch 8",
+         "bua-backbone": "bottom-up: backbone (baseline)", "bua-extract": "bottom-up: extract"}
+BACKENDS = {"ssd": ("detector", "batch1", "batch8"), "bottom-up": ("bua-backbone", "bua-extract")}
 
 
 def write_photos(folder: Path) -> list[Path]:
@@ -54,22 +64,41 @@ def write_photos(folder: Path) -> list[Path]:
     return paths
 
 
-def child(mode: str, folder: Path, repeats: int, num_regions: int) -> dict[str, float]:
+def write_random_bottom_up_weights(path: Path) -> Path:
+    """Random weights in the published bottom-up-attention layout (the real ones cost the same)."""
+    import torch
+
+    from adapt.regions.bottom_up import BottomUpAttentionNet
+
+    torch.save(BottomUpAttentionNet().state_dict(), path)
+    return path
+
+
+def child(mode: str, folder: Path, repeats: int, num_regions: int, photos: int) -> dict[str, float]:
     """Time one configuration in this process; returns images/s and peak RSS."""
     import torch
 
-    from adapt.regions import SsdEfficientNetExtractor, load_image
+    from adapt.regions import BottomUpAttentionExtractor, SsdEfficientNetExtractor, load_image
+    from adapt.regions.bottom_up import caffe_input
 
-    extractor = SsdEfficientNetExtractor(num_regions=num_regions)
-    paths = sorted(folder.glob("*.jpg"))
+    if mode.startswith("bua"):
+        extractor = BottomUpAttentionExtractor(folder / "bottom_up.bin", num_regions=num_regions)
+    else:
+        extractor = SsdEfficientNetExtractor(num_regions=num_regions)
+    paths = sorted(folder.glob("*.jpg"))[:photos]
 
     def one_pass() -> None:
         if mode == "detector":
             with torch.inference_mode():
                 for path in paths:
                     extractor._run_detector(load_image(path))
+        elif mode == "bua-backbone":
+            with torch.inference_mode():
+                for path in paths:
+                    extractor.model.backbone(caffe_input(load_image(path), extractor.short_side, extractor.max_side,
+                                                         extractor.device))
         else:
-            extractor.extract_batch(paths, batch_size=1 if mode == "batch1" else 8)
+            extractor.extract_batch(paths, batch_size=8 if mode == "batch8" else 1)
 
     one_pass()
     cpu_start, start = cpu_seconds(), time.perf_counter()
@@ -91,24 +120,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the photos")
     parser.add_argument("--num-regions", type=int, default=36)
+    parser.add_argument("--backend", choices=[*BACKENDS, "both"], default="both")
+    parser.add_argument("--photos", type=int, default=12, help="how many of the 12 photos to use")
+    parser.add_argument("--small", action="store_true", help="quick run: 3 photos, 1 timed pass")
     parser.add_argument("--child", choices=sorted(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.small:
+        args.photos, args.repeats = 3, 1
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.repeats, args.num_regions)))
+        print(json.dumps(child(args.child, args.folder, args.repeats, args.num_regions, args.photos)))
         return
 
     # Run the extractor as training.extract does (see there: OpenMP threads sleep instead of spinning).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_photos(Path(tmp))
+        paths = write_photos(Path(tmp))[:args.photos]
+        modes = [mode for backend, names in BACKENDS.items() if args.backend in (backend, "both") for mode in names]
+        if any(mode.startswith("bua") for mode in modes):
+            write_random_bottom_up_weights(Path(tmp) / "bottom_up.bin")
         print(f"{len(paths)} photos, k = {args.num_regions}, {args.repeats} timed passes, {os.cpu_count()} CPUs, "
               f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average before: {os.getloadavg()[0]:.2f}")
         print(f"{'configuration':<28} {'images/s':>9} {'ms/image':>9} {'CPU ms/image':>13} {'peak RSS':>10}")
-        for mode, title in MODES.items():
+        for mode in modes:
+            title = MODES[mode]
             output = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--folder", tmp, "--repeats", str(args.repeats),
-                 "--num-regions", str(args.num_regions)],
+                 "--num-regions", str(args.num_regions), "--photos", str(args.photos)],
                 check=True, capture_output=True, text=True).stdout
             result = json.loads(output.strip().splitlines()[-1])
             print(f"{title:<28} {result['images_per_s']:>9.2f} {1000 / result['images_per_s']:>9.0f} "
