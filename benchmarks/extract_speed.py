@@ -1,7 +1,7 @@
 """Region-extraction speed and peak memory on real photos: the default backend and bottom-up attention.
 
-    python benchmarks/extract_speed.py [--repeats 3] [--num-regions 36] [--backend ssd|bottom-up|both]
-        [--photos N] [--small]
+    python -m benchmarks.extract_speed [--repeats 3] [--num-regions 36] [--backend ssd|bottom-up|both]
+        [--photos N] [--small]                                             # from the repository root
 
 Twelve real photos (scikit-image and scikit-learn samples, 300x451 to 1411x1411) are written as JPEG
 files, so decoding counts. Each configuration runs in its own process (its own peak RSS):
@@ -38,8 +38,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODES = {"detector": "detector only (baseline)", "batch1": "extract, batch 1", "batch8": "extract, batch 8",
          "bua-backbone": "bottom-up: backbone (baseline)", "bua-extract": "bottom-up: extract"}
@@ -145,7 +143,7 @@ def main() -> None:
         for mode in modes:
             title = MODES[mode]
             output = subprocess.run(
-                [sys.executable, __file__, "--child", mode, "--folder", tmp, "--repeats", str(args.repeats),
+                [sys.executable, "-m", "benchmarks.extract_speed", "--child", mode, "--folder", tmp, "--repeats", str(args.repeats),
                  "--num-regions", str(args.num_regions), "--photos", str(args.photos)],
                 check=True, capture_output=True, text=True).stdout
             result = json.loads(output.strip().splitlines()[-1])
