@@ -7,6 +7,7 @@ empty, 16-bit, CMYK, transparent, EXIF-rotated, gigantic) is handled, or refused
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -31,7 +32,10 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message says why and what to do."""
 
 
-def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
+    name: str | None = None,
+) -> Image.Image:
     """Load ``src`` as an 8-bit RGB PIL image, upright as a viewer shows it.
 
     Args:
@@ -39,6 +43,12 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             (H, W, 4) with dtype uint8, uint16 (full 0-65535 range) or float (0-1 range).
         max_pixels: refuse images with more pixels than this (checked before decoding a file,
             so decompression bombs cost nothing).
+        max_side: a JPEG file larger than this on its longest side is decoded at a reduced scale
+            (1/2, 1/4 or 1/8, the smallest that keeps at least ``max_side``), which costs a fraction
+            of the full decode; ``max_pixels`` applies to the reduced size. Other formats and
+            ``None`` decode at full size.
+        name: what to call the image in error messages (default: the path), e.g. the file name a
+            user uploaded rather than a server's temporary path.
 
     Returns:
         An RGB image (mode ``"RGB"``): EXIF orientation applied, transparency composed onto white,
@@ -49,41 +59,45 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         ImageError: missing, empty, truncated, corrupt, too large or unsupported input.
     """
     if isinstance(src, Image.Image):
-        image, name = src, "image"
+        image, name = src, name or "image"
         _check_pixels(image, name, max_pixels)
         _decode(image, name)
     elif isinstance(src, np.ndarray):
-        image, name = _from_array(src), "array"
+        image, name = _from_array(src), name or "array"
         _check_pixels(image, name, max_pixels)
     elif isinstance(src, (str, os.PathLike)):
-        image, name = _open_file(Path(src), max_pixels), str(src)
+        name = name or str(src)
+        image = _open_file(Path(src), max_pixels, max_side, name)
     else:
         raise ImageError(f"cannot read an image from a {type(src).__name__}; pass a path, a PIL image "
                          "or a numpy array")
     return _to_rgb(_upright(image), name)
 
 
-def _open_file(path: Path, max_pixels: int) -> Image.Image:
+def _open_file(path: Path, max_pixels: int, max_side: int | None, name: str) -> Image.Image:
     if not path.exists():
-        raise ImageError(f"{path}: no such file")
+        raise ImageError(f"{name}: no such file")
     if not path.is_file():
-        raise ImageError(f"{path}: not a file")
+        raise ImageError(f"{name}: not a file")
     if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file (0 bytes); re-download or re-export the image")
+        raise ImageError(f"{name}: empty file (0 bytes); re-download or re-export the image")
     try:
         # We apply our own, stricter limit below; PIL's warning would only be noise.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from e
+        raise ImageError(f"{name}: refused as a possible decompression bomb ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{path}: not an image file Pillow can read (JPEG, PNG, WebP, TIFF, BMP, "
+        raise ImageError(f"{name}: not an image file Pillow can read (JPEG, PNG, WebP, TIFF, BMP, "
                          "GIF, ...); is it corrupt or another kind of file?") from e
     except OSError as e:
-        raise ImageError(f"{path}: truncated or corrupt image file ({e}); re-download or re-export the image") from e
-    _check_pixels(image, str(path), max_pixels)
-    _decode(image, str(path))
+        raise ImageError(f"{name}: truncated or corrupt image file ({e}); re-download or re-export the image") from e
+    if max_side is not None and image.format == "JPEG" and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    _check_pixels(image, name, max_pixels)
+    _decode(image, name)
     return image
 
 
