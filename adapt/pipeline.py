@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,12 +109,20 @@ class RegionCache:
 
     Re-adding the same picture (any file name or format that decodes to the same pixels) costs a
     file read, not a detector and backbone pass.
+
+    Args:
+        folder: the cache's root (one sub-folder per extractor identity).
+        identity: the extractor's identity.
+        max_bytes: keep the files of this identity under this many bytes: after each write the least
+            recently used files (oldest modification time; a hit touches its file) are deleted
+            until the rest fit. ``None``: unbounded.
     """
 
-    def __init__(self, folder: str | Path, identity: dict) -> None:
+    def __init__(self, folder: str | Path, identity: dict, max_bytes: int | None = None) -> None:
         digest = hashlib.sha256(json.dumps(comparable_identity(identity), sort_keys=True).encode()).hexdigest()[:16]
         self.folder = Path(folder) / digest
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
 
     @staticmethod
     def key(image: Image.Image) -> str:
@@ -128,6 +137,7 @@ class RegionCache:
         if not path.is_file():
             return None
         try:
+            os.utime(path)  # a hit is a use: the least recently used files are trimmed first
             with np.load(path, allow_pickle=False) as data:
                 return Regions(boxes=data["boxes"], features=data["features"],
                                labels=[str(x) for x in data["labels"]], scores=data["scores"],
@@ -142,6 +152,25 @@ class RegionCache:
         atomic_write(self.folder / f"{key}.npz", lambda tmp: np.savez(
             tmp, boxes=regions.boxes, features=regions.features, labels=np.array(regions.labels, dtype=str),
             scores=regions.scores, is_fill=regions.is_fill, image_size=np.array(regions.image_size)))
+        if self.max_bytes is not None:
+            self.trim(self.max_bytes)
+
+    def trim(self, max_bytes: int) -> None:
+        """Delete the least recently used files until the rest take at most ``max_bytes``."""
+        files = []
+        for entry in os.scandir(self.folder):
+            try:
+                if entry.name.endswith(".npz") and entry.is_file():
+                    stat = entry.stat()
+                    files.append((stat.st_mtime_ns, stat.st_size, entry.path))
+            except FileNotFoundError:  # removed meanwhile by another process sharing the cache
+                continue
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= max_bytes:
+                break
+            Path(path).unlink(missing_ok=True)
+            total -= size
 
 
 class Retriever:
@@ -152,6 +181,7 @@ class Retriever:
         extractor: the extractor; default: rebuilt from ``model.config.extractor``.
         allow_extractor_mismatch: use an extractor other than the model's at your own risk.
         cache_dir: where region features of images are cached (default: no disk cache).
+        cache_max_bytes: bound of that cache (see :class:`RegionCache`; default: unbounded).
     """
 
     def __init__(
@@ -160,6 +190,7 @@ class Retriever:
         extractor: RegionExtractor | None = None,
         allow_extractor_mismatch: bool = False,
         cache_dir: str | Path | None = None,
+        cache_max_bytes: int | None = None,
     ) -> None:
         self.model = model.eval()
         if extractor is None:
@@ -174,7 +205,7 @@ class Retriever:
         else:
             check_extractor(model.config.extractor, extractor.identity, allow_mismatch=allow_extractor_mismatch)
         self.extractor = extractor
-        self.cache = RegionCache(cache_dir, extractor.identity) if cache_dir is not None else None
+        self.cache = None if cache_dir is None else RegionCache(cache_dir, extractor.identity, cache_max_bytes)
 
     @classmethod
     def from_pretrained(
