@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import gradio as gr
 import torch
@@ -123,23 +123,26 @@ def warn_unknown_words(model: AdaptModel, captions: list[str]) -> None:
                    f"{'its score means' if len(unknown) == 1 else 'their scores mean'} little.")
 
 
-class ImageFile(gr.Image):
-    """``gr.Image`` whose upload reaches the app as its file path, undecoded.
+def image_upload(**kwargs: Any) -> gr.Image:
+    """A ``gr.Image`` whose upload reaches the app as its file path, undecoded.
 
     ``gr.Image`` opens every upload with PIL before the app sees it (so a broken file gets Gradio's
-    internal error, and 16-bit images are clipped); here the browser shows the preview and the
-    app decodes the file once, with :func:`adapt.regions.load_image`.
+    internal error, and 16-bit images are clipped); here the browser shows the preview and the app
+    decodes the file once, with :func:`adapt.regions.load_image`. (The instance's ``preprocess`` is
+    replaced rather than subclassed: Gradio writes a ``.pyi`` stub beside every module that
+    defines a component class.)
     """
+    component = gr.Image(type="filepath", **kwargs)
 
-    is_template = True  # the browser side is gr.Image's
-
-    def preprocess(self, payload: ImageData | None) -> str | None:
-        """The uploaded file's path (a pasted image is first written to a file)."""
+    def upload_path(payload: ImageData | None) -> str | None:
         if payload is None:
             return None
-        if payload.url and payload.url.startswith("data:"):
-            return save_base64_to_cache(payload.url, self.GRADIO_CACHE, payload.orig_name or "pasted.png")
+        if payload.url and payload.url.startswith("data:"):  # a pasted image: written to a file first
+            return save_base64_to_cache(payload.url, component.GRADIO_CACHE, payload.orig_name or "pasted.png")
         return payload.path
+
+    component.preprocess = upload_path
+    return component
 
 
 class DrawingFiles:
@@ -348,7 +351,7 @@ def build_demo(retriever: Retriever, checkpoint: str,
         with gr.Tab("Rank captions"):
             with gr.Row():
                 with gr.Column():
-                    image = ImageFile(type="filepath", label="Image", sources=["upload", "clipboard"], height=360)
+                    image = image_upload(label="Image", sources=["upload", "clipboard"], height=360)
                     gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image], label="Example photos",
                                 api_visibility="private")
                     captions = gr.Textbox(EXAMPLE_CAPTIONS, lines=8, max_lines=30, label="Captions, one per line")
