@@ -6,8 +6,9 @@ captions x ``m`` images is one broadcast tensor of shape ``(c, m, n_locals, d)``
 budget, so peak memory does not grow with the gallery; no Python loop runs per caption or per
 image. When gradients are needed, each block is checkpointed (recomputed in the backward pass) so
 training memory stays bounded too. On CPU the fused kernels of :mod:`adapt.fused` compute the same
-scores in one pass per pair: T2I for inference and training (with a fused backward), I2T for
-inference. Attention maps, CUDA, and machines without a compiler take the PyTorch path.
+scores in one pass per pair, both directions, for inference and training (each with a fused
+backward). Attention maps, CUDA, machines without a compiler and I2T captions with padding before
+a real token take the PyTorch path.
 
 Attention maps, on request:
 
@@ -190,7 +191,7 @@ class TextToImage(AdaptHead):
         images = self.prepare_images(regions)
         captions = self.prepare_queries(words, word_mask)
         scale, shift, query_unit = captions.scale, captions.shift, captions.query_unit
-        if not return_attention and fused.usable(images, scale, differentiable=True):
+        if not return_attention and fused.usable(images, scale):
             return fused.t2i_scores(images, scale, shift, query_unit, self.fovea.smooth), None
 
         def block(caps: slice, ims: slice) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,8 +1,8 @@
 // Fused ADAPT scoring on CPU: FiLM + fovea + pooling + cosine per (image, caption) pair, in one
 // pass over the locals, without materialising the adapted tensors. Same math as
-// adapt/similarity.py (which documents it); built on first use by adapt/fused.py. T2I also has a
-// backward kernel, so that training can use it (adapt/fused.py pairs the two in an autograd
-// Function); I2T is inference-only.
+// adapt/similarity.py (which documents it); built by adapt/fused.py. Each direction has a forward
+// and a backward kernel, which adapt/fused.py pairs in an autograd Function, so training uses
+// them too; the backward recomputes each pair's fovea instead of saving it.
 //
 // Layout: locals are row-major (n_locals, d) so the inner loop runs over the d channels
 // contiguously and vectorises (exp through libmvec with -ffast-math; adapt/fused.py builds with
@@ -83,7 +83,7 @@ struct T2IPair {
 // e_ij = exp(lambda s_j B_ij - offset_j), mean = S_j, pooled = P_j, and with kKeepExps the e_ij
 // in exps (R, D); then norm = max(|P|, eps) and score = <P, q> / norm.
 template <typename scalar_t, bool kKeepExps>
-void score_pair(const T2IInputs<scalar_t>& in, int64_t m, int64_t c, T2IPair<scalar_t>& pair) {
+void score_t2i_pair(const T2IInputs<scalar_t>& in, int64_t m, int64_t c, T2IPair<scalar_t>& pair) {
   const int64_t R = in.R, D = in.D;
   const scalar_t* b = in.B + m * R * D;
   const scalar_t* bmax = in.Bmax + m * D;
@@ -127,22 +127,8 @@ void score_pair(const T2IInputs<scalar_t>& in, int64_t m, int64_t c, T2IPair<sca
   pair.score = dot / pair.norm;
 }
 
-// T2I scores (M, C) into `scores`.
-template <typename scalar_t>
-void t2i_forward(const T2IInputs<scalar_t>& in, scalar_t* scores) {
-  at::parallel_for(0, in.M, 1, [&](int64_t m0, int64_t m1) {
-    T2IPair<scalar_t> pair(in.R, in.D, /*keep_exps=*/false);
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t c = 0; c < in.C; ++c) {
-        score_pair<scalar_t, false>(in, m, c, pair);
-        scores[m * in.C + c] = pair.score;
-      }
-    }
-  });
-}
-
 // Gradients of a loss L through the T2I scores, given grad = dL/dscores (M, C). Per pair, with
-// g = dL/dscore and the quantities of score_pair:
+// g = dL/dscore and the quantities of score_t2i_pair:
 //   u_j = dL/dP_j = g (q_j - score P_j / |P|) / |P|      (|P| is a constant where clamped to eps)
 //   dL/dt_j = u_j / R,   dL/dq_j = g P_j / |P|,   dL/ds_j = u_j (S_j + lambda s_j V_j) / R
 //   dL/dB_ij = u_j s_j / R * p_ij (1 + lambda s_j (B_ij - S_j))
@@ -168,7 +154,7 @@ void t2i_backward(const T2IInputs<scalar_t>& in, const scalar_t* grad, scalar_t*
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t g = grad[m * C + c];
         if (g == scalar_t(0)) continue;  // hinge losses leave many pairs without gradient
-        score_pair<scalar_t, true>(in, m, c, pair);
+        score_t2i_pair<scalar_t, true>(in, m, c, pair);
         const scalar_t* s = in.S + c * D;
         const scalar_t* q = in.Q + c * D;
         const scalar_t* logit_scale = pair.logit_scale.data();
@@ -209,57 +195,221 @@ void t2i_backward(const T2IInputs<scalar_t>& in, const scalar_t* grad, scalar_t*
   });
 }
 
-// I2T scores (M, C) of words (C, T, D) after BatchNorm whose valid tokens are a prefix of
-// lengths[c] of each row; word_max / word_min (C, D) over the valid tokens; scale, shift and
-// query (unit image vectors): (M, D). Score: cos(max_t(A_t * M_t), q) with A = scale * W + shift.
+// I2T inputs: words (C, T, D) after BatchNorm whose valid tokens are the first lengths[c] of each
+// row; word_max / word_min (C, D) over the valid tokens; scale = gamma + 1, shift = beta and
+// query = unit image vectors: (M, D).
 template <typename scalar_t>
-void i2t_forward(const scalar_t* W, const int64_t* L, const scalar_t* Wmax, const scalar_t* Wmin,
-                 const scalar_t* S, const scalar_t* Sh, const scalar_t* Q, int64_t M, int64_t C,
-                 int64_t Tn, int64_t D, scalar_t lambda, scalar_t* out) {
+struct I2TInputs {
+  I2TInputs(const torch::Tensor& words, const torch::Tensor& lengths, const torch::Tensor& word_max,
+            const torch::Tensor& word_min, const torch::Tensor& scale, const torch::Tensor& shift,
+            const torch::Tensor& query_unit, double smooth)
+      : C(words.size(0)), Tn(words.size(1)), D(words.size(2)), M(scale.size(0)),
+        lambda(static_cast<scalar_t>(smooth)) {
+    TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == torch::kLong &&
+                    lengths.sizes() == c10::IntArrayRef{C} && lengths.is_contiguous(),
+                "adapt fused kernels: lengths must be a contiguous int64 CPU tensor of shape (", C,
+                ",)");
+    check(words, "words", words, {C, Tn, D});
+    check(word_max, "word_max", words, {C, D});
+    check(word_min, "word_min", words, {C, D});
+    check(scale, "scale", words, {M, D});
+    check(shift, "shift", words, {M, D});
+    check(query_unit, "query_unit", words, {M, D});
+    L = lengths.data_ptr<int64_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      TORCH_CHECK(L[c] >= 1 && L[c] <= Tn, "adapt fused kernels: caption ", c, " has length ", L[c],
+                  ", expected 1 to ", Tn);
+    }
+    W = words.data_ptr<scalar_t>();
+    Wmax = word_max.data_ptr<scalar_t>();
+    Wmin = word_min.data_ptr<scalar_t>();
+    S = scale.data_ptr<scalar_t>();
+    Sh = shift.data_ptr<scalar_t>();
+    Q = query_unit.data_ptr<scalar_t>();
+  }
+
+  int64_t C, Tn, D, M;
+  scalar_t lambda;
+  const int64_t* L;
+  const scalar_t *W, *Wmax, *Wmin, *S, *Sh, *Q;
+};
+
+// One thread's buffers for the (image, caption) pair being scored; all (D,) but exps (T, D).
+template <typename scalar_t>
+struct I2TPair {
+  I2TPair(int64_t Tn, int64_t D)
+      : exps(Tn * D), offset(D), sum_e(D), best(D), weighted(D), argmax(D) {}
+
+  std::vector<scalar_t> exps, offset, sum_e, best, weighted;
+  std::vector<int64_t> argmax;
+  scalar_t norm = 0, score = 0;
+};
+
+// Scores image m against caption c. For channel j, with s = scale, t = shift and W = words[c]:
+// A_kj = s_j W_kj + t_j, the fovea p_kj = softmax_k(lambda A_kj) over the valid tokens, and the
+// pooled P_j = max_k A_kj p_kj. The softmax's max is known from the word extremes, so every
+// exponential is <= 1 and sum_e >= 1.
+//
+// Leaves in `pair`: exps e_kj (T, D) for the valid tokens, sum_e, best = P; with kBackward also
+// argmax = the k of each channel's max and weighted = sum_k e_kj W_kj; norm = max(|P|, eps) and
+// score = <P, q> / norm.
+template <typename scalar_t, bool kBackward>
+void score_i2t_pair(const I2TInputs<scalar_t>& in, int64_t m, int64_t c, I2TPair<scalar_t>& pair) {
+  const int64_t D = in.D, len = in.L[c];
+  const scalar_t* w = in.W + c * in.Tn * D;
+  const scalar_t* wmax = in.Wmax + c * D;
+  const scalar_t* wmin = in.Wmin + c * D;
+  const scalar_t* s = in.S + m * D;
+  const scalar_t* sh = in.Sh + m * D;
+  const scalar_t* q = in.Q + m * D;
+  const scalar_t lambda = in.lambda;
+  scalar_t* offset = pair.offset.data();
+  scalar_t* sum_e = pair.sum_e.data();
+  scalar_t* best = pair.best.data();
+  scalar_t* weighted = pair.weighted.data();
+  int64_t* argmax = pair.argmax.data();
+#pragma omp simd
+  for (int64_t j = 0; j < D; ++j) {
+    offset[j] = lambda * (s[j] * (s[j] >= scalar_t(0) ? wmax[j] : wmin[j]) + sh[j]);
+    sum_e[j] = 0;
+    best[j] = std::numeric_limits<scalar_t>::lowest();  // finite: built with -ffast-math
+    if constexpr (kBackward) {
+      weighted[j] = 0;
+      argmax[j] = 0;
+    }
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const scalar_t* wt = w + t * D;
+    scalar_t* et = pair.exps.data() + t * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      et[j] = std::exp(lambda * (s[j] * wt[j] + sh[j]) - offset[j]);
+      sum_e[j] += et[j];
+      if constexpr (kBackward) weighted[j] += et[j] * wt[j];
+    }
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const scalar_t* wt = w + t * D;
+    const scalar_t* et = pair.exps.data() + t * D;
+    if constexpr (kBackward) {
+      for (int64_t j = 0; j < D; ++j) {
+        const scalar_t foveated = (s[j] * wt[j] + sh[j]) * et[j] / sum_e[j];
+        if (foveated > best[j]) {
+          best[j] = foveated;
+          argmax[j] = t;
+        }
+      }
+    } else {
+      // No omp simd: GCC 12 vectorises this max better unforced (measured 1.7x faster).
+      for (int64_t j = 0; j < D; ++j) {
+        best[j] = std::max(best[j], (s[j] * wt[j] + sh[j]) * et[j] / sum_e[j]);
+      }
+    }
+  }
+  scalar_t dot = 0, norm2 = 0;
+#pragma omp simd reduction(+ : dot, norm2)
+  for (int64_t j = 0; j < D; ++j) {
+    dot += best[j] * q[j];
+    norm2 += best[j] * best[j];
+  }
+  pair.norm = std::max(std::sqrt(norm2), kNormEps<scalar_t>);
+  pair.score = dot / pair.norm;
+}
+
+// Gradients of a loss L through the I2T scores, given grad = dL/dscores (M, C). Per pair, with
+// g = dL/dscore, u_j = dL/dP_j as in t2i_backward, k*_j the token of channel j's max,
+// a_j = A_{k*_j j} and v_j = u_j p_{k*_j j}:
+//   dL/dA_kj = v_j ([k = k*_j] (1 + lambda a_j) - lambda a_j p_kj)   (sums to v_j over k)
+//   dL/dt_j = v_j,   dL/ds_j = v_j ((1 + lambda a_j) W_{k*_j j} - lambda a_j sum_k p_kj W_kj)
+//   dL/dW_kj = s_j dL/dA_kj,   dL/dq_j = g P_j / |P|
+// grad_words (C, T, D) is written per caption, so threads never share a row (padding gets 0);
+// the per-image gradients gather every caption, so each thread adds into its own slice
+// per_thread[thread] = (grad_scale, grad_shift, grad_query) (3, M, D).
+template <typename scalar_t>
+void i2t_backward(const I2TInputs<scalar_t>& in, const scalar_t* grad, scalar_t* grad_words,
+                  scalar_t* per_thread) {
+  const int64_t D = in.D, M = in.M, C = in.C;
+  const scalar_t lambda = in.lambda;
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<scalar_t> e(Tn * D), sum_e(D), best(D), offset(D);
+    I2TPair<scalar_t> pair(in.Tn, D);
+    std::vector<scalar_t> coefficient_buf(D);
+    scalar_t* coefficient = coefficient_buf.data();
+    scalar_t* acc = per_thread + at::get_thread_num() * 3 * M * D;
     for (int64_t c = c0; c < c1; ++c) {
-      const scalar_t* w = W + c * Tn * D;
-      const int64_t len = L[c];
+      const scalar_t* w = in.W + c * in.Tn * D;
+      scalar_t* grad_w = grad_words + c * in.Tn * D;
+      const int64_t len = in.L[c];
       for (int64_t m = 0; m < M; ++m) {
-        const scalar_t* s = S + m * D;
-        const scalar_t* sh = Sh + m * D;
-#pragma omp simd
+        const scalar_t g = grad[m * C + c];
+        if (g == scalar_t(0)) continue;  // hinge losses leave many pairs without gradient
+        score_i2t_pair<scalar_t, true>(in, m, c, pair);
+        const scalar_t* s = in.S + m * D;
+        const scalar_t* sh = in.Sh + m * D;
+        const scalar_t* q = in.Q + m * D;
+        const scalar_t* exps = pair.exps.data();
+        const scalar_t* sum_e = pair.sum_e.data();
+        const scalar_t* pooled = pair.best.data();
+        const scalar_t* weighted = pair.weighted.data();
+        const int64_t* argmax = pair.argmax.data();
+        const scalar_t inv_norm = scalar_t(1) / pair.norm;
+        const scalar_t along = pair.norm > kNormEps<scalar_t> ? pair.score * inv_norm : 0;
+        scalar_t* grad_s = acc + m * D;
+        scalar_t* grad_t = acc + (M + m) * D;
+        scalar_t* grad_q = acc + (2 * M + m) * D;
         for (int64_t j = 0; j < D; ++j) {
-          // max_t of lambda * (s * w + sh), known from the word extremes.
-          offset[j] = lambda * (s[j] * (s[j] >= scalar_t(0) ? Wmax[c * D + j] : Wmin[c * D + j]) +
-                                sh[j]);
-          sum_e[j] = 0;
-          best[j] = std::numeric_limits<scalar_t>::lowest();  // finite: built with -ffast-math
+          const int64_t k = argmax[j];
+          const scalar_t w_max = w[k * D + j];
+          const scalar_t adapted = s[j] * w_max + sh[j];
+          const scalar_t inv_sum = scalar_t(1) / sum_e[j];
+          const scalar_t v = g * (q[j] - along * pooled[j]) * inv_norm * exps[k * D + j] * inv_sum;
+          const scalar_t peak = scalar_t(1) + lambda * adapted;
+          grad_t[j] += v;
+          grad_s[j] += v * (peak * w_max - lambda * adapted * weighted[j] * inv_sum);
+          grad_q[j] += g * pooled[j] * inv_norm;
+          grad_w[k * D + j] += s[j] * v * peak;
+          coefficient[j] = -s[j] * v * lambda * adapted * inv_sum;  // times e_kj: the p_kj term
         }
         for (int64_t t = 0; t < len; ++t) {
-          const scalar_t* wt = w + t * D;
-          scalar_t* et = e.data() + t * D;
+          const scalar_t* et = exps + t * D;
+          scalar_t* gt = grad_w + t * D;
 #pragma omp simd
-          for (int64_t j = 0; j < D; ++j) {
-            et[j] = std::exp(lambda * (s[j] * wt[j] + sh[j]) - offset[j]);
-            sum_e[j] += et[j];
-          }
+          for (int64_t j = 0; j < D; ++j) gt[j] += coefficient[j] * et[j];
         }
-        for (int64_t t = 0; t < len; ++t) {
-          const scalar_t* wt = w + t * D;
-          const scalar_t* et = e.data() + t * D;
-          // No omp simd: GCC 12 vectorises this max better unforced (measured 1.7x faster).
-          for (int64_t j = 0; j < D; ++j) {
-            best[j] = std::max(best[j], (s[j] * wt[j] + sh[j]) * et[j] / sum_e[j]);
-          }
-        }
-        const scalar_t* q = Q + m * D;
-        scalar_t dot = 0, norm = 0;
-#pragma omp simd reduction(+ : dot, norm)
-        for (int64_t j = 0; j < D; ++j) {
-          dot += best[j] * q[j];
-          norm += best[j] * best[j];
-        }
-        out[m * C + c] = dot / std::max(std::sqrt(norm), kNormEps<scalar_t>);
       }
     }
   });
+}
+
+// Scores every pair into `scores` (M, C) with `score_pair(m, c, pair)`, which leaves the score in
+// pair.score. Threads split the images (T2I) or the captions (I2T): the locals of one then stay
+// in cache while every global vector of the other side adapts them.
+template <typename scalar_t, typename Pair, typename ScorePair>
+void score_all_pairs(int64_t M, int64_t C, bool split_images, const Pair& buffers,
+                     ScorePair score_pair, scalar_t* scores) {
+  at::parallel_for(0, split_images ? M : C, 1, [&](int64_t begin, int64_t end) {
+    Pair pair = buffers;
+    for (int64_t outer = begin; outer < end; ++outer) {
+      for (int64_t inner = 0; inner < (split_images ? C : M); ++inner) {
+        const int64_t m = split_images ? outer : inner, c = split_images ? inner : outer;
+        score_pair(m, c, pair);
+        scores[m * C + c] = pair.score;
+      }
+    }
+  });
+}
+
+// The backward entry points' frame: `run(grad_locals, per_thread)` fills zeroed gradients shaped
+// like `locals` and one (3, n, D) slice per thread of the gradients of scale, shift and
+// query_unit (n, D); returns (grad_locals, grad_scale, grad_shift, grad_query_unit).
+template <typename Run>
+std::vector<torch::Tensor> gradients(const torch::Tensor& locals, const torch::Tensor& scale,
+                                     Run run) {
+  auto grad_locals = torch::zeros_like(locals);
+  auto per_thread = torch::zeros({at::get_num_threads(), 3, scale.size(0), scale.size(1)},
+                                 locals.options());
+  run(grad_locals, per_thread);
+  const auto grads = per_thread.sum(0);
+  return {grad_locals, grads[0], grads[1], grads[2]};
 }
 
 // Entry points: check the inputs, dispatch on float / double. T2I inputs as T2IInputs.
@@ -268,9 +418,12 @@ torch::Tensor t2i_scores(torch::Tensor regions, torch::Tensor region_max, torch:
                          double smooth) {
   auto scores = torch::empty({regions.size(0), scale.size(0)}, regions.options());
   AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "t2i_scores", [&] {
-    t2i_forward(T2IInputs<scalar_t>(regions, region_max, region_min, scale, shift, query_unit,
-                                    smooth),
-                scores.data_ptr<scalar_t>());
+    const T2IInputs<scalar_t> in(regions, region_max, region_min, scale, shift, query_unit, smooth);
+    score_all_pairs(in.M, in.C, /*split_images=*/true, T2IPair<scalar_t>(in.R, in.D, false),
+                    [&](int64_t m, int64_t c, T2IPair<scalar_t>& pair) {
+                      score_t2i_pair<scalar_t, false>(in, m, c, pair);
+                    },
+                    scores.data_ptr<scalar_t>());
   });
   return scores;
 }
@@ -282,42 +435,49 @@ std::vector<torch::Tensor> t2i_scores_backward(torch::Tensor regions, torch::Ten
                                                torch::Tensor shift, torch::Tensor query_unit,
                                                double smooth, torch::Tensor grad_scores) {
   check(grad_scores, "grad_scores", regions, {regions.size(0), scale.size(0)});
-  auto grad_regions = torch::zeros_like(regions);
-  auto per_thread = torch::zeros({at::get_num_threads(), 3, scale.size(0), scale.size(1)},
-                                 regions.options());
-  AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "t2i_scores_backward", [&] {
-    t2i_backward(T2IInputs<scalar_t>(regions, region_max, region_min, scale, shift, query_unit,
-                                     smooth),
-                 grad_scores.data_ptr<scalar_t>(), grad_regions.data_ptr<scalar_t>(),
-                 per_thread.data_ptr<scalar_t>());
+  return gradients(regions, scale, [&](torch::Tensor& grad_regions, torch::Tensor& per_thread) {
+    AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "t2i_scores_backward", [&] {
+      t2i_backward(T2IInputs<scalar_t>(regions, region_max, region_min, scale, shift, query_unit,
+                                       smooth),
+                   grad_scores.data_ptr<scalar_t>(), grad_regions.data_ptr<scalar_t>(),
+                   per_thread.data_ptr<scalar_t>());
+    });
   });
-  const auto grads = per_thread.sum(0);
-  return {grad_regions, grads[0], grads[1], grads[2]};
 }
 
+// I2T inputs as I2TInputs.
 torch::Tensor i2t_scores(torch::Tensor words, torch::Tensor lengths, torch::Tensor word_max,
                          torch::Tensor word_min, torch::Tensor scale, torch::Tensor shift,
                          torch::Tensor query_unit, double smooth) {
-  const int64_t C = words.size(0), Tn = words.size(1), D = words.size(2), M = scale.size(0);
-  TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == torch::kLong &&
-                  lengths.sizes() == c10::IntArrayRef{C} && lengths.is_contiguous(),
-              "adapt fused kernels: lengths must be a contiguous int64 CPU tensor of shape (", C,
-              ",)");
-  check(words, "words", words, {C, Tn, D});
-  check(word_max, "word_max", words, {C, D});
-  check(word_min, "word_min", words, {C, D});
-  check(scale, "scale", words, {M, D});
-  check(shift, "shift", words, {M, D});
-  check(query_unit, "query_unit", words, {M, D});
-  auto scores = torch::empty({M, C}, words.options());
+  auto scores = torch::empty({scale.size(0), words.size(0)}, words.options());
   AT_DISPATCH_FLOATING_TYPES(words.scalar_type(), "i2t_scores", [&] {
-    i2t_forward(words.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(),
-                word_max.data_ptr<scalar_t>(), word_min.data_ptr<scalar_t>(),
-                scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
-                query_unit.data_ptr<scalar_t>(), M, C, Tn, D, static_cast<scalar_t>(smooth),
-                scores.data_ptr<scalar_t>());
+    const I2TInputs<scalar_t> in(words, lengths, word_max, word_min, scale, shift, query_unit,
+                                 smooth);
+    score_all_pairs(in.M, in.C, /*split_images=*/false, I2TPair<scalar_t>(in.Tn, in.D),
+                    [&](int64_t m, int64_t c, I2TPair<scalar_t>& pair) {
+                      score_i2t_pair<scalar_t, false>(in, m, c, pair);
+                    },
+                    scores.data_ptr<scalar_t>());
   });
   return scores;
+}
+
+// Returns (grad_words, grad_scale, grad_shift, grad_query_unit), shaped like those inputs;
+// word_max / word_min only stabilise the softmax, so they get no gradient.
+std::vector<torch::Tensor> i2t_scores_backward(torch::Tensor words, torch::Tensor lengths,
+                                               torch::Tensor word_max, torch::Tensor word_min,
+                                               torch::Tensor scale, torch::Tensor shift,
+                                               torch::Tensor query_unit, double smooth,
+                                               torch::Tensor grad_scores) {
+  check(grad_scores, "grad_scores", words, {scale.size(0), words.size(0)});
+  return gradients(words, scale, [&](torch::Tensor& grad_words, torch::Tensor& per_thread) {
+    AT_DISPATCH_FLOATING_TYPES(words.scalar_type(), "i2t_scores_backward", [&] {
+      i2t_backward(I2TInputs<scalar_t>(words, lengths, word_max, word_min, scale, shift,
+                                       query_unit, smooth),
+                   grad_scores.data_ptr<scalar_t>(), grad_words.data_ptr<scalar_t>(),
+                   per_thread.data_ptr<scalar_t>());
+    });
+  });
 }
 
 }  // namespace
@@ -327,4 +487,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("t2i_scores_backward", &t2i_scores_backward,
         "Gradients of the fused ADAPT-T2I scores: (regions, scale, shift, query_unit)");
   m.def("i2t_scores", &i2t_scores, "Fused ADAPT-I2T scores (M, C)");
+  m.def("i2t_scores_backward", &i2t_scores_backward,
+        "Gradients of the fused ADAPT-I2T scores: (words, scale, shift, query_unit)");
 }
