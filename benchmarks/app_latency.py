@@ -50,7 +50,7 @@ def main() -> None:
         demo.queue(default_concurrency_limit=2)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
         client = Client(url, verbose=False)
-        logic = app.Demo(retriever)
+        logic = app.Demo(retriever, app.DrawingFiles(Path(tmp) / "drawings"))
         scoring = logic.choices[0]
         photos = [Image.open(p).convert("RGB") for p in app.EXAMPLES]
         rank_times = []
