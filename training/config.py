@@ -63,6 +63,9 @@ class OptimConfig:
     decay_at: list[int] = field(default_factory=lambda: [10000, 13000, 16000, 19000])
     decay_factor: float = 0.25
     grad_clip: float = 2.0  # max gradient norm; 0 turns clipping off
+    # Parameter-name prefixes kept at their initial values, e.g. ["text_encoder.proj"]: a model
+    # started at a zero-shot solution keeps that part of it (see adapt.concepts).
+    frozen: list[str] = field(default_factory=list)
 
     def schedule(self) -> WarmupStepSchedule:
         """The learning-rate schedule these settings describe."""
