@@ -10,7 +10,7 @@ Usage::
 
     python -m training.real_photos [--checkpoint checkpoints/default] [--directions t2i i2t]
 
-prints R@1 / R@5 both ways (image->text: each photo ranks all the set's captions; text->image: each
+prints R@1 / R@5 both ways (``--conse``: of the zero-shot ConSE reference, no model) (image->text: each photo ranks all the set's captions; text->image: each
 caption ranks all its photos) for each half and for the whole set.
 """
 
@@ -139,7 +139,12 @@ def real_photo_metrics(
     if regions is None:
         regions = [retriever.regions(p.load())[1] for p in photos]
     features = torch.from_numpy(np.stack([r.features for r in regions]))
-    scores = retriever.model.score(features, [p.caption for p in photos], directions=directions).scores.cpu()
+    scores = retriever.model.score(features, [p.caption for p in photos], directions=directions).scores
+    return split_metrics(scores.cpu(), photos)
+
+
+def split_metrics(scores: torch.Tensor, photos: Sequence[RealPhoto]) -> dict[str, dict[str, float]]:
+    """:func:`real_photo_metrics` of a ``(n_photos, n_photos)`` photo x caption score matrix."""
     out = {}
     for part in (*SPLITS, "all"):
         index = [i for i, p in enumerate(photos) if part in ("all", p.split)]
@@ -147,6 +152,29 @@ def real_photo_metrics(
             chosen = torch.tensor(index)
             out[part] = {**retrieval_metrics(scores[chosen][:, chosen], captions_per_image=1), "n": len(index)}
     return out
+
+
+@torch.inference_mode()
+def conse_reference_scores(photos: Sequence[RealPhoto], top_k: int = 10) -> torch.Tensor:
+    """The zero-shot ConSE reference, with no training at all: ``(n_photos, n_photos)`` scores.
+
+    Each whole photo (224 x 224, EfficientNet-Lite0's training size) gets its ImageNet class
+    probabilities; the ``top_k`` weight all-MiniLM-L6-v2's embeddings of "a photo of a {class}", and
+    the cosine with each caption's MiniLM embedding is the score (Norouzi et al., ICLR 2014).
+    """
+    from adapt.concepts import default_concepts, embed_names
+    from adapt.encoders import TransformerTextEncoder
+    from adapt.regions.ssd import efficientnet_lite0
+
+    backbone = efficientnet_lite0().eval()
+    text = TransformerTextEncoder("sentence-transformers/all-MiniLM-L6-v2", latent_size=1)
+    names = embed_names(text, [f"a photo of a {c}" for c in default_concepts()["classes"]])
+    pixels = torch.stack([torch.from_numpy(np.array(p.load().resize((224, 224), Image.BILINEAR)))
+                          for p in photos]).permute(0, 3, 1, 2).float()
+    probs = torch.softmax(backbone((pixels - 127.0) / 128.0), dim=-1)
+    top = torch.topk(probs, top_k, dim=-1)
+    images = torch.nn.functional.normalize(torch.einsum("nk,nkc->nc", top.values, names[top.indices]), dim=-1)
+    return images @ embed_names(text, [p.caption for p in photos]).T
 
 
 def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
@@ -164,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", default=str(DEFAULT_SET), help="the photo list (JSON)")
     parser.add_argument("--directions", nargs="+", choices=("t2i", "i2t", "mean"),
                         help="scoring directions (default: the model's own)")
+    parser.add_argument("--conse", action="store_true",
+                        help="score the zero-shot ConSE reference instead of a model (no training)")
     args = parser.parse_args(argv)
     photos, missing = installed(read_set(args.set))
     if missing:
@@ -171,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not photos:
         print("no photo of the set is installed")
         return 1
+    if args.conse:
+        print(format_metrics(split_metrics(conse_reference_scores(photos), photos)))
+        return 0
     retriever = Retriever.from_pretrained(args.checkpoint)
     directions = tuple(args.directions) if args.directions else None
     print(format_metrics(real_photo_metrics(retriever, photos, directions)))

@@ -81,7 +81,7 @@ class SsdEfficientNetExtractor(RegionExtractor):
         self.max_side = int(max_side)
         self.detector = cv2.dnn.readNetFromTensorflow(
             str(_package_file(SSD_PACKAGE, SSD_GRAPH)), str(_package_file(SSD_PACKAGE, SSD_CONFIG)))
-        self.backbone = _efficientnet_lite0().to(self.device).eval()
+        self.backbone = efficientnet_lite0().to(self.device).eval()
         self._detector_thread = ThreadPoolExecutor(1, thread_name_prefix="ssd-detector")
 
     def _backend_identity(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def backbone_state() -> dict[str, torch.Tensor]:
     return torch.load(_package_file(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
 
 
-def _efficientnet_lite0() -> nn.Module:
+def efficientnet_lite0() -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights, built for any input size."""
     # image_size=None selects TF-"SAME" padding computed per input, exact for every input size.
     model = EfficientNet.from_name("efficientnet-lite0", image_size=None)

@@ -1,0 +1,93 @@
+"""The bundled model on real photos: right on the real-photo set and the app's examples, and its
+highlight follows the caption onto the object the caption names."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
+from training.real_photos import installed, read_set, real_photo_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")  # Debian's opencv-doc (.ci/run installs it)
+# R@1 (%) the shipped model must keep on all 50 photos (it has 48 / 56; the issue's goal of 80 is
+# not reached, see checkpoints/default/README.md): a regression guard, not the goal.
+REGRESSION_GUARD = {"i2t_r1": 44.0, "t2i_r1": 50.0}
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    return Retriever.from_pretrained(DEFAULT_CHECKPOINT)
+
+
+def test_the_set_lists_real_photos_with_one_caption_each():
+    photos = read_set()
+    assert len(photos) >= 40
+    assert len({p.name for p in photos}) == len(photos) and len({p.caption for p in photos}) == len(photos)
+    assert sum(p.source == "tuxpaint" for p in photos) <= len(photos) / 3
+    assert {p.split for p in photos} == {"select", "holdout"}
+
+
+def test_real_photos_rank_their_caption_and_photo_first(retriever):
+    photos, missing = installed(read_set())
+    if missing:
+        pytest.skip("sources not installed: " + ", ".join(missing) + " (.ci/run installs them)")
+    metrics = real_photo_metrics(retriever, photos)
+    for part, m in metrics.items():
+        print(f"{part:8s} {int(m['n'])} photos: image->text R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f}, "
+              f"text->image R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f}")
+    for key, floor in REGRESSION_GUARD.items():
+        assert metrics["all"][key] >= floor, (key, metrics["all"][key])
+
+
+def test_the_apps_examples_rank_their_own_caption_first_for_four_of_five(retriever):
+    import app
+
+    captions = app.EXAMPLE_CAPTIONS.splitlines()
+    truth = {
+        "astronaut.jpg": "A woman in a space suit smiling in front of a flag.",
+        "cat.jpg": "A cat lying on a purple blanket.",
+        "coffee.jpg": "A cup of coffee on a saucer on a wooden table.",
+        "grace_hopper.jpg": "An officer in a navy uniform posing for a portrait.",
+        "rocket.jpg": "A rocket lifting off from a launch pad.",
+    }
+    assert sorted(truth) == sorted(p.name for p in app.EXAMPLES)
+    firsts = {path.name: retriever.rank_captions(path, captions).captions[0] for path in app.EXAMPLES}
+    right = [name for name, first in firsts.items() if first == truth[name]]
+    # The astronaut photo shows a space-shuttle model; the model ranks the rocket caption first.
+    assert len(right) >= 4, firsts
+
+
+def inside(box: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of ``box``'s area that lies inside ``target`` (both (1, 4))."""
+    x1, y1 = torch.maximum(box[0, :2], target[0, :2])
+    x2, y2 = torch.minimum(box[0, 2:], target[0, 2:])
+    overlap = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    return float(overlap / ((box[0, 2] - box[0, 0]) * (box[0, 3] - box[0, 1])))
+
+
+def top_detected_box(ranked, row: int) -> torch.Tensor:
+    weights = ranked.region_weights[row]
+    detected = np.flatnonzero(~ranked.regions.is_fill)
+    return torch.from_numpy(ranked.regions.boxes[detected[np.argmax(weights[detected])]])[None]
+
+
+def test_the_highlight_follows_the_caption_onto_the_named_object(retriever):
+    photo = OPENCV_DATA / "messi5.jpg"
+    if not photo.is_file():
+        pytest.skip("Debian's opencv-doc is not installed (.ci/run installs it)")
+    # Measured by hand on the 548 x 342 photo: the ball, and the player from hand to boot.
+    ball = torch.tensor([[337.0, 288.0, 390.0, 336.0]])
+    player = torch.tensor([[68.0, 60.0, 458.0, 336.0]])
+    ranked = retriever.rank_captions(photo, ["a soccer ball", "a man in a red and blue striped shirt"])
+    row = {caption: i for i, caption in enumerate(ranked.captions)}
+    on_ball = top_detected_box(ranked, row["a soccer ball"])
+    on_player = top_detected_box(ranked, row["a man in a red and blue striped shirt"])
+    assert not torch.equal(on_ball, on_player)
+    assert box_iou(on_ball, ball).item() > 0.5
+    # The man's caption lights a part of the player (his head, here): on him, not on the ball.
+    assert inside(on_player, player) > 0.9
+    assert box_iou(on_player, ball).item() == 0.0
