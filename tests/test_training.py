@@ -5,10 +5,13 @@ each image's regions include noisy prototypes of 3 of 12 concepts, and its capti
 concepts, so a tiny model learns to retrieve within a hundred iterations on a CPU.
 """
 
+import csv
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,8 @@ CONCEPTS = ["dog", "cat", "car", "tree", "boat", "horse", "bird", "ball", "child
 TEMPLATES = ["a {} and a {} near a {}", "there is a {} with a {} and a {}", "{} , {} and {}",
              "a photo of a {} next to a {} and a {}", "the {} sees a {} by the {}"]
 REGION_DIM, N_REGIONS = 32, 6
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "training" / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -327,6 +331,81 @@ def test_train_cli_errors_for_bad_data(tmp_path, concept_data, capsys):
     with pytest.raises(SystemExit):
         train_main(["--config", str(tmp_path / "missing.yaml")])
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+# -- training on several processes (torchrun, gloo on CPU) --------------------------------------
+
+DDP_RUN = ["model.similarity=ensemble", "train.batch_size=15", "train.val_every=4", "train.device=cpu"]
+
+
+def test_shards_of_a_global_batch_are_the_one_process_batch():
+    one = DistinctImageBatches(n_images=23, captions_per_image=5, batch_size=8, seed=3).epoch(0)
+    shards = [DistinctImageBatches(23, 5, 8, 3, rank, 2).epoch(0) for rank in range(2)]
+    assert all(len(s) == len(one) for s in shards)
+    for batch, first, second in zip(one, *shards, strict=True):
+        assert np.array_equal(np.concatenate([first, second]), batch)
+        assert abs(len(first) - len(second)) <= 1  # the round's last batch of 7: 4 + 3
+    # A last batch too small to give each of 3 ranks a pair is dropped (23 = 2 x 10 + 3 keeps it).
+    assert len(DistinctImageBatches(22, 5, 10, 0, 0, 3)) == 10 and len(DistinctImageBatches(23, 5, 10, 0, 0, 3)) == 15
+    with pytest.raises(ValueError, match="at least the number of processes"):
+        DistinctImageBatches(23, 5, 2, 0, 0, 3)
+
+
+def torchrun(config: Path, *overrides: str) -> None:
+    """``torchrun --nproc_per_node 2 -m training.train`` (gloo on CPU) in a subprocess."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "training.train", "--config", str(config), *DDP_RUN, *overrides]
+    out = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def train_rows(run: Path) -> list[dict[str, str]]:
+    """The rows of a run's train_log.csv, without their wall time."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((run / "train_log.csv").open())]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, concept_data) -> Path:
+    """8 iterations of an ensemble on 2 processes, validating every 4; returns its out_dir."""
+    folder = tmp_path_factory.mktemp("ddp")
+    torchrun(tiny_config(folder, concept_data), "train.max_iterations=8", f"train.out_dir={folder / 'whole'}")
+    return folder / "whole"
+
+
+def test_two_processes_train_like_one_on_the_global_batch(tmp_path, concept_data, two_process_run):
+    # Batches of 15 = shards of 8 + 7; the ensemble has two BatchNorms (regions and words) whose
+    # statistics must be those of the whole batch.
+    config = str(tiny_config(tmp_path, concept_data))
+    assert train_main(["--config", config, *DDP_RUN, "train.max_iterations=8", f"train.out_dir={tmp_path / 'one'}"]) == 0
+    one, two = train_rows(tmp_path / "one"), train_rows(two_process_run)
+    assert len(one) == len(two) == 8
+    for a, b in zip(one, two, strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+        assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-5)
+    single, _ = read_training_state(tmp_path / "one")
+    double, _ = read_training_state(two_process_run)
+    each_rank = {"rng.rank0.torch", "rng.rank1.torch"}  # every rank's RNG, for an exact resume
+    assert each_rank <= double.keys() and single.keys() == double.keys() - each_rank
+    for key in (k for k in single if k.startswith(("model.", "optimizer.")) and single[k].is_floating_point()):
+        torch.testing.assert_close(double[key], single[key], atol=1e-5, rtol=1e-5, msg=key)
+    # Rank 0 alone wrote the logs and checkpoints: one row per iteration and validation.
+    assert len((two_process_run / "val_log.csv").read_text().splitlines()) == 3
+    assert (two_process_run / "best" / "model.safetensors").is_file()
+    assert (two_process_run / "training_curves.png").is_file()
+
+
+def test_resume_on_two_processes_is_exact(tmp_path, concept_data, two_process_run):
+    config = tiny_config(tmp_path, concept_data)
+    # Pause at iteration 6, between the validations at 4 and 8, then resume to 8.
+    torchrun(config, "train.max_iterations=6", f"train.out_dir={tmp_path / 'split'}")
+    torchrun(config, "train.max_iterations=8", f"train.out_dir={tmp_path / 'split'}", "--resume")
+    whole, whole_state = read_training_state(two_process_run)
+    split, split_state = read_training_state(tmp_path / "split")
+    assert [k for k in whole if not torch.equal(whole[k], split[k])] == []
+    assert whole_state["progress"] == split_state["progress"]
+    assert train_rows(two_process_run) == train_rows(tmp_path / "split")
+    assert (two_process_run / "val_log.csv").read_text() == (tmp_path / "split" / "val_log.csv").read_text()
 
 
 # -- evaluation ----------------------------------------------------------------------------------

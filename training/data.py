@@ -298,24 +298,33 @@ class DistinctImageBatches:
     pairs (a hinge loss needs a negative).
 
     The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
+
+    Under DDP (``world_size`` processes) ``batch_size`` is the global batch: process ``rank`` gets
+    one contiguous shard of each global batch, and the shards of ranks 0, 1, ... put together are
+    the batch one process would get. A round's last batch is then kept when every rank gets a pair.
     """
 
-    def __init__(self, n_images: int, captions_per_image: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n_images: int, captions_per_image: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
         if n_images < 2:
             raise ValueError(f"need at least 2 training images, got {n_images}")
-        if batch_size < 2:
-            raise ValueError(f"batch size must be at least 2 (a hinge loss needs negatives), got {batch_size}")
+        if batch_size < max(2, world_size):
+            raise ValueError(f"batch size must be at least 2 (a hinge loss needs negatives) and at least "
+                             f"the number of processes ({world_size}), got {batch_size}")
         self.n_images = n_images
         self.captions_per_image = captions_per_image
         self.batch_size = min(batch_size, n_images)
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.smallest = max(2, world_size)
 
     def __len__(self) -> int:
         full, rest = divmod(self.n_images, self.batch_size)
-        return self.captions_per_image * (full + (rest >= 2))
+        return self.captions_per_image * (full + (rest >= self.smallest))
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
-        """The batches of ``epoch``, each an array of caption indices."""
+        """The batches of ``epoch``, each an array of caption indices (this rank's shards)."""
         rng = np.random.default_rng([self.seed, epoch])
         k = self.captions_per_image
         # Row i: the order in which image i's captions are used across the rounds.
@@ -325,5 +334,5 @@ class DistinctImageBatches:
             images = rng.permutation(self.n_images)
             captions = images * k + caption_order[images, round_]
             batches += [b for b in np.split(captions, range(self.batch_size, self.n_images, self.batch_size))
-                        if len(b) >= 2]
-        return [batches[i] for i in rng.permutation(len(batches))]
+                        if len(b) >= self.smallest]
+        return [np.array_split(batches[i], self.world_size)[self.rank] for i in rng.permutation(len(batches))]

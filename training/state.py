@@ -1,8 +1,8 @@
 """The training state: everything an exact resume needs, saved without pickle, and what may change.
 
 ``out_dir/training_state/`` holds ``tensors.safetensors`` (model weights, optimiser tensors, the
-loss's iteration, RNG states) and ``state.json`` (progress, the run's config, the model config, the
-optimiser's JSON skeleton, the gradient scaler). A folder is written beside its final place and
+loss's iteration, RNG states: under torchrun every rank's) and ``state.json`` (progress, the run's
+config, the model config, the optimiser's JSON skeleton, the gradient scaler). A folder is written beside its final place and
 swapped in, so a crash never leaves a half-written one behind.
 """
 
@@ -93,8 +93,13 @@ def fresh_dir(path: Path) -> Path:
 
 def save_training_state(out_dir: Path, config: TrainConfig, progress: Progress, model: AdaptModel,
                         criterion: HingeLoss, optimizer: torch.optim.Optimizer,
-                        scaler: torch.amp.GradScaler) -> None:
-    """Write ``out_dir/training_state`` (replacing the previous one once the new one is complete)."""
+                        scaler: torch.amp.GradScaler,
+                        rank_rng: list[dict[str, torch.Tensor]] | None = None) -> None:
+    """Write ``out_dir/training_state`` (replacing the previous one once the new one is complete).
+
+    ``rank_rng``: under torchrun, each rank's RNG states (``"torch"``, and ``"cuda"`` for its GPU),
+    saved as ``rng.rank<r>.<kind>`` beside this process's own.
+    """
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors["loss.iteration"] = criterion.iteration
     optimizer_tensors, optimizer_skeleton = _optimizer_state(optimizer)
@@ -102,6 +107,8 @@ def save_training_state(out_dir: Path, config: TrainConfig, progress: Progress, 
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for rank, states in enumerate(rank_rng or []):
+        tensors.update({f"rng.rank{rank}.{kind}": state for kind, state in states.items()})
     state = {"progress": dataclasses.asdict(progress), "config": config.to_dict(),
              "model_config": model.config.to_dict(), "optimizer": optimizer_skeleton,
              "scaler": scaler.state_dict()}
@@ -123,17 +130,21 @@ def read_training_state(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 def restore_training_state(tensors: dict[str, torch.Tensor], state: dict[str, Any], model: AdaptModel,
                            criterion: HingeLoss, optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler) -> None:
-    """Load what :func:`read_training_state` returned into the live objects, RNG states included."""
+                           scaler: torch.amp.GradScaler, rank: int = 0,
+                           device: torch.device | None = None) -> None:
+    """Load what :func:`read_training_state` returned into the live objects, RNG states included:
+    under torchrun those ``rank`` saved (its GPU's on ``device``), where the state has them."""
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     criterion.iteration.copy_(tensors["loss.iteration"])
     _restore_optimizer(optimizer, tensors, state["optimizer"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors.get(f"rng.rank{rank}.torch", tensors["rng.torch"]))
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    if f"rng.rank{rank}.cuda" in tensors and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.rank{rank}.cuda"], device)
 
 
 def check_resumable(saved: TrainConfig, given: TrainConfig) -> None:

@@ -4,6 +4,7 @@
     python -m training.train --config training/configs/cpu_small.yaml data.path=data/f30k_precomp \\
         train.max_iterations=2000
     python -m training.train --config training/configs/f30k_t2i.yaml --resume   # after an interruption
+    torchrun --nproc_per_node 4 -m training.train --config training/configs/f30k_t2i.yaml  # 4 processes
 
 Protocol (DESIGN.md section 1, the reference's ``options/adapt/*.yaml``): Adamax with a warm-up
 then step-decay lr schedule (:mod:`training.schedule`), gradient-norm clipping, the hinge loss with
@@ -22,6 +23,10 @@ The output folder ``train.out_dir`` holds:
 Interrupting (Ctrl-C or SIGTERM) finishes the current iteration, saves the training state and
 exits; so does reaching ``train.max_iterations``. ``--resume`` continues from the saved state and
 gives the same weights and metrics as an uninterrupted run.
+
+Under ``torchrun`` every process trains on its shard of each global batch of ``train.batch_size``
+and the loss is that of the whole global batch (:mod:`training.distributed`); rank 0 alone
+validates and writes the output folder and the progress bar.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from tqdm import tqdm
 
 from adapt import AdaptConfig, AdaptModel, CheckpointError, ConfigError, HingeLoss, build_vocab, pick_device
 from adapt.concepts import default_concepts
+from training import distributed
 from training.card import model_card, training_card
 from training.config import TrainConfig, load_config
 from training.data import CaptionPairs, DatasetError, DistinctImageBatches, PairBatch, PairCollate, Split, load_split
@@ -96,6 +102,7 @@ class Trainer:
         self.out_dir = Path(config.train.out_dir)
         run, data = config.train, config.data
         self.device = pick_device() if run.device == "auto" else torch.device(run.device)
+        self.world, self.device = distributed.start(self.device)
         self.train_split = load_split(data.path, data.train_split, data.captions_per_image)
         val = load_split(data.path, data.val_split, data.captions_per_image)
         self.val_split = val.images(0, min(data.val_max_images, val.n_images)) if data.val_max_images else val
@@ -122,13 +129,18 @@ class Trainer:
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda_amp else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.sampler = DistinctImageBatches(self.train_split.n_images, data.captions_per_image, run.batch_size,
-                                            run.seed)
+                                            run.seed, self.world.rank, self.world.size)
         if resume:
-            restore_training_state(tensors, state, self.model, self.criterion, self.optimizer, self.scaler)
-        else:
+            restore_training_state(tensors, state, self.model, self.criterion, self.optimizer, self.scaler,
+                                   self.world.rank, self.device)
+        elif self.world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        self.log = RunLog(self.out_dir, self.progress.iteration if resume else None)
+        self.log = (RunLog(self.out_dir, self.progress.iteration if resume else None) if self.world.is_main
+                    else distributed.SilentLog())
+        # Under torchrun: the global batch's scores, each rank encoding its shard (training/distributed.py).
+        self.global_scores = (distributed.data_parallel(self.model, run.memory_budget_mb, self.device)
+                              if self.world.size > 1 else None)
 
     # -- loop --
 
@@ -136,11 +148,11 @@ class Trainer:
         """Train until the epochs are done, early stopping, ``max_iterations`` or a signal."""
         p, run = self.progress, self.config.train
         if p.finished:
-            tqdm.write(f"{self.out_dir}: this run already finished ({p.finished}); best rsum {p.best_rsum}")
+            self._say(f"{self.out_dir}: this run already finished ({p.finished}); best rsum {p.best_rsum}")
             return p
         planned = run.epochs * len(self.sampler)
         bar = tqdm(total=min(planned, run.max_iterations or planned), initial=p.iteration, unit="it",
-                   disable=not run.progress, dynamic_ncols=True, desc="train")
+                   disable=not (run.progress and self.world.is_main), dynamic_ncols=True, desc="train")
         pause = None
         with StopOnSignal() as signals:
             while not p.finished and not (pause := self._pause_reason(signals)):
@@ -163,14 +175,17 @@ class Trainer:
         self._save_state()
         self.log.plot(self.out_dir / "training_curves.png")
         self.log.close()
-        tqdm.write(self._summary(pause))
+        self._say(self._summary(pause))
         return p
 
     def _pause_reason(self, signals: StopOnSignal) -> str | None:
         limit = self.config.train.max_iterations
         if limit is not None and self.progress.iteration >= limit:
             return f"reached train.max_iterations={limit}"
-        return f"received {signals.received}" if signals.received else None
+        received = signals.received
+        if self.world.size > 1:  # every rank stops at the same iteration
+            received = distributed.agreed_signal(received, self.device)
+        return f"received {received}" if received else None
 
     def _loader(self, batches: list[np.ndarray]) -> DataLoader:
         # A generator of its own: a DataLoader otherwise draws its worker seed from the global RNG
@@ -190,7 +205,8 @@ class Trainer:
         tokens = batch.tokens.to(self.device)
         lr = self.schedule.apply(self.optimizer, p.iteration)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            scores = self.model(features, tokens, memory_budget_mb=self.config.train.memory_budget_mb).scores
+            scores = (self.global_scores(features, tokens) if self.global_scores is not None
+                      else self.model(features, tokens, memory_budget_mb=self.config.train.memory_budget_mb).scores)
         loss = self.criterion(scores.float())
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss is {loss.item()} at iteration {p.iteration}; the last saved state is "
@@ -209,8 +225,17 @@ class Trainer:
         self.log.write("train", row)
         return row
 
-    def _validate(self) -> dict[str, float]:
-        """Score the validation split, keep the best checkpoint, count towards early stopping."""
+    def _validate(self) -> None:
+        """Score the validation split, keep the best checkpoint, count towards early stopping, save
+        the state. Under torchrun rank 0 validates and the other ranks take its progress."""
+        if self.world.is_main:
+            self._score_validation()
+        if self.world.size > 1:
+            distributed.update_from_main(self.progress)
+        self._save_state()
+        self.log.plot(self.out_dir / "training_curves.png")
+
+    def _score_validation(self) -> dict[str, float]:
         p = self.progress
         scores = score_matrix(self.model, self.val_split, memory_budget_mb=self.config.train.memory_budget_mb,
                               progress=self.config.train.progress)
@@ -230,8 +255,6 @@ class Trainer:
                    f"(best {p.best_rsum:.1f} at {p.best_iteration}) R@1 i2t {metrics['i2t_r1']:.1f} "
                    f"t2i {metrics['t2i_r1']:.1f}")
         self.log.flush()  # before the state: every row up to a saved iteration is on disk
-        self._save_state()
-        self.log.plot(self.out_dir / "training_curves.png")
         return metrics
 
     def _finish(self, reason: str) -> None:
@@ -248,9 +271,16 @@ class Trainer:
         (staged / "README.md").write_text(model_card(self.model.config), encoding="utf-8")
         replace_dir(staged, self.out_dir / BEST_DIR)
 
+    def _say(self, message: str) -> None:
+        if self.world.is_main:
+            tqdm.write(message)
+
     def _save_state(self) -> None:
-        save_training_state(self.out_dir, self.config, self.progress, self.model, self.criterion, self.optimizer,
-                            self.scaler)
+        # Under torchrun every rank takes part (its RNG states are saved too); rank 0 writes.
+        rank_rng = distributed.rng_states(self.device) if self.world.size > 1 else None
+        if self.world.is_main:
+            save_training_state(self.out_dir, self.config, self.progress, self.model, self.criterion,
+                                self.optimizer, self.scaler, rank_rng)
 
     def _summary(self, pause: str | None) -> str:
         p = self.progress
@@ -280,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False))
             return 0
         Trainer(config, resume=args.resume).fit()
+        distributed.stop()
     except (ConfigError, DatasetError, TrainingError, CheckpointError) as e:
         parser.error(str(e))
     return 0
