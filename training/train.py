@@ -49,7 +49,8 @@ from adapt.concepts import default_concepts
 from training import distributed
 from training.card import model_card, training_card
 from training.config import TrainConfig, load_config
-from training.data import CaptionPairs, DatasetError, DistinctImageBatches, PairBatch, PairCollate, Split, load_split
+from training.data import (CaptionPairs, DatasetError, DistinctImageBatches, PairBatch, PairCollate, Split, load_split,
+                           resolve_extractor)
 from training.evaluate import check_features, score_matrix
 from training.logs import RunLog
 from training.metrics import retrieval_metrics
@@ -84,7 +85,7 @@ def build_model(config: TrainConfig, train: Split) -> AdaptModel:
     gru = model_fields.get("text_encoder", "gru") == "gru"
     vocab = build_vocab(train.captions, config.data.vocab_min_count) if gru else []
     adapt_config = AdaptConfig.from_dict({**model_fields, "region_dim": train.region_dim, "vocab": vocab,
-                                          "extractor": train.extractor})
+                                          "extractor": resolve_extractor(train, config.data.extractor)})
     torch.manual_seed(config.train.seed)
     return AdaptModel(adapt_config)
 
@@ -121,7 +122,13 @@ class Trainer:
         check_features(self.model, self.train_split, "the model")
         self.model.to(self.device).train()
 
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        frozen = tuple(config.optim.frozen)
+        names = [name for name, _ in self.model.named_parameters()]
+        unmatched = [prefix for prefix in frozen if not any(name.startswith(prefix) for name in names)]
+        if unmatched:
+            raise ConfigError(f"optim.frozen: no parameter starts with {unmatched}; names look like {names[:4]}")
+        self.params = [p for name, p in self.model.named_parameters()
+                       if p.requires_grad and not (frozen and name.startswith(frozen))]
         self.optimizer = torch.optim.Adamax(self.params, lr=config.optim.lr)
         self.schedule = config.optim.schedule()
         self.criterion = HingeLoss(config.loss.margin, config.loss.eta).to(self.device)
