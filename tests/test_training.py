@@ -481,3 +481,17 @@ def test_evaluate_refuses_features_of_another_extractor(tmp_path, concept_data, 
     err = capsys.readouterr().err
     assert "features come from extractor {'detector': 'faster-rcnn-vg'" in err
     assert f"but {tmp_path / 'ckpt'} was trained on features of {{'detector': 'ssd-mobilenet-v2-coco'" in err
+
+
+def test_frozen_parameters_keep_their_start_and_unknown_prefixes_are_refused(tmp_path, concept_data):
+    config = str(tiny_config(tmp_path, concept_data))
+    frozen = ["optim.frozen=[region_encoder.fc,similarity.heads.t2i.adapt.fc_beta]"]
+    train_main(["--config", config, *frozen, "train.max_iterations=5", "train.val_every=5"])
+    start = dict(build_model(load_config(config, frozen), load_split(concept_data, "train")).named_parameters())
+    trained = read_training_state(tmp_path / "run")[0]
+    for name in ("region_encoder.fc.weight", "similarity.heads.t2i.adapt.fc_beta.weight"):
+        assert torch.equal(next(v for k, v in trained.items() if k.endswith(name)), start[name].detach())
+    gamma = "similarity.heads.t2i.adapt.fc_gamma.weight"
+    assert not torch.equal(next(v for k, v in trained.items() if k.endswith(gamma)), start[gamma].detach())
+    with pytest.raises(ConfigError, match="no parameter starts with"):
+        Trainer(load_config(config, ["optim.frozen=[no_such_module]", f"train.out_dir={tmp_path / 'x'}"]))
