@@ -22,9 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.regions.base import LABEL_DIM
-from adapt.regions.coco_names import coco_name
-
 if TYPE_CHECKING:
     from adapt.encoders import TransformerTextEncoder
     from adapt.model import AdaptModel
@@ -41,6 +38,9 @@ def default_concepts(top_k: int = 10) -> dict[str, Any]:
     """
     from torchvision.models import EfficientNet_B0_Weights
 
+    # Imported here: the image side (OpenCV, the detector) is not needed to build or load a model.
+    from adapt.regions.base import LABEL_DIM
+    from adapt.regions.coco_names import coco_name
     from adapt.regions.ssd import SsdEfficientNetExtractor
 
     return {
@@ -50,6 +50,20 @@ def default_concepts(top_k: int = 10) -> dict[str, Any]:
         "labels": [coco_name(i) for i in range(1, LABEL_DIM + 1)],
         "top_k": top_k,
     }
+
+
+def conse(probs: torch.Tensor, names: torch.Tensor, top_k: int) -> torch.Tensor:
+    """ConSE: the ``top_k`` class probabilities weight the class-name embeddings.
+
+    Args:
+        probs: ``(..., n_classes)`` class probabilities.
+        names: ``(n_classes, c)`` name embeddings.
+
+    Returns:
+        ``(..., c)`` (not normalised).
+    """
+    top = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1)
+    return torch.einsum("...k,...kc->...c", top.values, names[top.indices])
 
 
 class ConceptRegionEncoder(nn.Module):
@@ -89,8 +103,7 @@ class ConceptRegionEncoder(nn.Module):
         scores weight the label-name embeddings.
         """
         probs = torch.softmax(self.classifier(features[..., : self.backbone_dim]), dim=-1)
-        top = torch.topk(probs, min(self.top_k, probs.shape[-1]), dim=-1)
-        concepts = torch.einsum("...k,...kc->...c", top.values, self.class_names[top.indices])
+        concepts = conse(probs, self.class_names, self.top_k)
         if self.n_labels:
             labels = features[..., self.backbone_dim : self.backbone_dim + self.n_labels]
             concepts = concepts + labels @ self.label_names

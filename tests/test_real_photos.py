@@ -9,7 +9,7 @@ import torch
 from torchvision.ops import box_iou
 
 from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
-from training.real_photos import installed, read_set, real_photo_metrics
+from training.real_photos import conse_reference_scores, installed, read_set, real_photo_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")  # Debian's opencv-doc (.ci/run installs it)
@@ -91,3 +91,10 @@ def test_the_highlight_follows_the_caption_onto_the_named_object(retriever):
     # The man's caption lights a part of the player (his head, here): on him, not on the ball.
     assert inside(on_player, player) > 0.9
     assert box_iou(on_player, ball).item() == 0.0
+
+
+def test_the_zero_shot_conse_reference_puts_each_photo_with_its_caption():
+    photos = [p for p in read_set() if p.path in ("chelsea.png", "coffee.png")]
+    scores = conse_reference_scores(photos)
+    assert scores.shape == (2, 2)
+    assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]

@@ -162,7 +162,7 @@ def conse_reference_scores(photos: Sequence[RealPhoto], top_k: int = 10) -> torc
     probabilities; the ``top_k`` weight all-MiniLM-L6-v2's embeddings of "a photo of a {class}", and
     the cosine with each caption's MiniLM embedding is the score (Norouzi et al., ICLR 2014).
     """
-    from adapt.concepts import default_concepts, embed_names
+    from adapt.concepts import conse, default_concepts, embed_names
     from adapt.encoders import TransformerTextEncoder
     from adapt.regions.ssd import efficientnet_lite0
 
@@ -172,8 +172,7 @@ def conse_reference_scores(photos: Sequence[RealPhoto], top_k: int = 10) -> torc
     pixels = torch.stack([torch.from_numpy(np.array(p.load().resize((224, 224), Image.BILINEAR)))
                           for p in photos]).permute(0, 3, 1, 2).float()
     probs = torch.softmax(backbone((pixels - 127.0) / 128.0), dim=-1)
-    top = torch.topk(probs, top_k, dim=-1)
-    images = torch.nn.functional.normalize(torch.einsum("nk,nkc->nc", top.values, names[top.indices]), dim=-1)
+    images = torch.nn.functional.normalize(conse(probs, names, top_k), dim=-1)
     return images @ embed_names(text, [p.caption for p in photos]).T
 
 
