@@ -3,6 +3,8 @@
     python app.py                                  # the bundled default model, offline
     python app.py --checkpoint user/adapt-model    # a Hub repo id or a local folder
     ADAPT_CHECKPOINT=path python app.py
+    python app.py --gallery INDEX                  # also search a gallery built by training.index
+    ADAPT_GALLERY=INDEX python app.py              # the same, e.g. in a Space's settings
 
 The UI only wires Gradio components to :mod:`adapt.pipeline`; every input is checked here and
 refused with a message in the page, never a traceback.
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
+import numpy as np
 import torch
 from gradio.data_classes import ImageData
 from gradio.processing_utils import save_base64_to_cache
@@ -30,10 +33,12 @@ from PIL import Image
 from adapt import fused
 from adapt.encoders import UNK
 from adapt.model import AdaptModel, CheckpointError
-from adapt.pipeline import DEFAULT_CHECKPOINT, Gallery, RankedCaptions, Retriever
+from adapt.gallery import MemoryGallery, SearchHit, search_galleries
+from adapt.pipeline import DEFAULT_CHECKPOINT, RankedCaptions, Retriever
 from adapt.regions import ImageError, Regions, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
-from adapt.visualize import draw_attention
+from adapt.search import GalleryIndex, GalleryIndexError
+from adapt.visualize import draw_attention, region_label
 
 logger = logging.getLogger("adapt.app")
 
@@ -57,6 +62,7 @@ DELETE_CACHE = (3600, 86400)
 # Drawings handed to Gradio are kept until this many newer ones exist (each served once).
 KEEP_DRAWINGS = 1000
 DRAWING_MAX_SIDE = 1024
+RESULT_MAX_SIDE = 640  # the drawings of the results grid
 EXAMPLE_CAPTIONS = "\n".join([
     "A group of people observing two planes at an air show.",
     "A large white dog is sitting on a bench beside an elderly man.",
@@ -173,13 +179,29 @@ class DrawingFiles:
         return path
 
 
+def regions_in(regions: Regions, size: tuple[int, int]) -> Regions:
+    """``regions`` with their boxes in the pixels of the same picture at ``size`` (a thumbnail)."""
+    if tuple(size) == tuple(regions.image_size):
+        return regions
+    scale = np.array([size[0] / regions.image_size[0], size[1] / regions.image_size[1]] * 2, dtype=np.float32)
+    return dataclasses.replace(regions, boxes=regions.boxes * scale, image_size=tuple(size))
+
+
 def shrink_for_drawing(image: Image.Image, regions: Regions, max_side: int) -> tuple[Image.Image, Regions]:
     """The image downscaled to at most ``max_side`` and its regions' boxes in those pixels."""
     scale = min(1.0, max_side / max(image.size))
-    if scale == 1.0:
-        return image, regions
-    small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    return small, dataclasses.replace(regions, boxes=regions.boxes * scale, image_size=small.size)
+    small = image if scale == 1.0 else image.resize((max(1, round(image.width * scale)),
+                                                     max(1, round(image.height * scale))))
+    return small, regions_in(regions, small.size)
+
+
+def open_gallery(folder: str, model: AdaptModel) -> tuple[GalleryIndex | None, str | None]:
+    """The index in ``folder`` opened for ``model``, or ``None`` and why it cannot be served (an
+    index of another model names the difference)."""
+    try:
+        return GalleryIndex.open(folder, model), None
+    except GalleryIndexError as e:
+        return None, f"The gallery {Path(folder).name} is not served: {e}"
 
 
 class Demo:
@@ -189,19 +211,27 @@ class Demo:
         retriever: the model and its region extractor.
         drawings: where drawings are written for Gradio to serve.
         kernels_building: whether the fused CPU kernels are still being built (a search waits).
+        served: a gallery index every session searches besides its own uploads (opened with the
+            retriever's model); without one, sessions start with the example photos.
+        served_problem: why a gallery asked for is not served (shown in the Search tab).
     """
 
     def __init__(self, retriever: Retriever, drawings: DrawingFiles,
-                 kernels_building: Callable[[], bool] = lambda: False) -> None:
+                 kernels_building: Callable[[], bool] = lambda: False,
+                 served: GalleryIndex | None = None, served_problem: str | None = None) -> None:
         self.retriever = retriever
         self.drawings = drawings
         self.kernels_building = kernels_building
+        self.served = served
+        self.served_problem = served_problem
+        self._served_lock = threading.Lock()  # an embedded Qdrant collection is not for concurrent use
         self.max_pixels = min(MAX_PIXELS, retriever.extractor.max_pixels)
         self.choices = [name for name, dirs in SCORING.items()
                         if set(dirs) <= set(retriever.directions)]
         self.start_state = self.empty_state()
-        for problem in self._add_files(self.start_state, [str(p) for p in EXAMPLES]):
-            logger.warning("example left out: %s", problem)
+        if served is None:
+            for problem in self._add_files(self.start_state, [str(p) for p in EXAMPLES]):
+                logger.warning("example left out: %s", problem)
 
     def _load(self, path: str | None) -> tuple[Image.Image, str]:
         """Decode an uploaded file once; errors name the user's file, never the server's path."""
@@ -254,10 +284,10 @@ class Demo:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
         return (row + 1, *self.highlight_caption(row + 1, state))
 
-    @staticmethod
-    def empty_state() -> dict:
-        """A session's gallery: the :class:`Gallery`, and the image file and file name of each key."""
-        return {"gallery": Gallery(), "paths": {}, "names": {}}
+    def empty_state(self) -> dict:
+        """A session's state: its uploads' :class:`MemoryGallery`, each key's file name, and the
+        hits of its last search."""
+        return {"gallery": MemoryGallery(self.retriever.model), "names": {}, "hits": []}
 
     def _add_files(self, state: dict, files: list[str], progress: gr.Progress | None = None) -> list[str]:
         """Add image files to a session's gallery; returns the problems of those left out."""
@@ -274,8 +304,8 @@ class Demo:
                 problems.append(e.message)
                 continue
             key, regions = self.retriever.regions(image)
-            gallery.add(key, regions)
-            state["paths"][key], state["names"][key] = path, name
+            gallery.add(key, regions, source=path)
+            state["names"][key] = name
         return problems
 
     def add_images(self, files: list[str] | None, state: dict, progress: gr.Progress = gr.Progress()):
@@ -291,44 +321,99 @@ class Demo:
             gr.Warning(problem)
         if len(problems) > 5:
             gr.Warning(f"... and {len(problems) - 5} more files were not added.")
-        return state, self._gallery_status(state), None
+        return state, self.gallery_status(state), None
 
     def clear_gallery(self, state: dict):
-        """An empty gallery: the state, its status and no results."""
+        """An empty gallery of uploads: the state, its status and no results."""
         state = self.empty_state()
-        return state, self._gallery_status(state), []
+        return state, self.gallery_status(state), []
 
-    @staticmethod
-    def _gallery_status(state: dict) -> str:
+    def gallery_status(self, state: dict) -> str:
+        """What the session searches: the served gallery (or why there is none) and its uploads."""
         n = len(state["gallery"])
-        return f"**{n} image{'s' if n != 1 else ''}** in the gallery." if n else \
-            "The gallery is empty: add images to search them."
+        uploads = f"**{n} image{'s' if n != 1 else ''}** of yours"
+        if self.served is not None:
+            served = f"The served gallery holds **{len(self.served):,} images**"
+            return f"{served}; searched together with {uploads}." if n else f"{served}; add images to search yours too."
+        problem = f"{self.served_problem}\n\n" if self.served_problem else ""
+        return problem + (f"{uploads} in the gallery." if n else "The gallery is empty: add images to search them.")
 
-    def search(self, query: str, top_k: float, state: dict) -> list[tuple[str, str]]:
-        """The gallery images best matching the caption (drawing file, score), attended regions lit."""
+    def _galleries(self, state: dict) -> list:
+        return [g for g in (self.served, state["gallery"]) if g is not None and len(g)]
+
+    def search(self, query: str, top_k: float, state: dict) -> tuple[list[tuple[str, str]], str, str | None, str, dict]:
+        """Search the served gallery and the session's uploads with a caption: the best matches
+        (drawing file, score) with their attended regions lit, how many images were searched,
+        the drawing and description of the best match, and the state (which keeps the hits)."""
         query = (query or "").strip()
         if not query:
             raise refuse("Type a caption to search for.")
         if len(query) > MAX_CAPTION_CHARS:
             raise refuse(f"The query is longer than {MAX_CAPTION_CHARS} characters; shorten it.")
-        if len(state["gallery"]) == 0:
+        galleries = self._galleries(state)
+        if not galleries:
             raise refuse("The gallery is empty: add images first (or reload the page for the samples).")
         warn_unknown_words(self.retriever.model, [query])
         if self.kernels_building():
             gr.Info(KERNELS_MESSAGE)
-        hits = self.retriever.search(state["gallery"], query, top_k=int(top_k))
-        images = []
-        for hit in hits:
-            try:
-                image, _ = self._load(state["paths"][hit.key])
-            except gr.Error:
-                gr.Warning(f"{state['names'][hit.key]} is no longer on the server (uploads are kept "
-                           "for a day); add it again to see it.")
+        with self._served_lock:
+            found = search_galleries(galleries, [query], top_k=int(top_k))[0]
+        hits, images = [], []
+        for hit in found:
+            image = self._hit_image(hit, state)
+            if image is None:
                 continue
-            small, regions = shrink_for_drawing(image, hit.regions, 640)
-            images.append((self.drawings.save(draw_attention(small, regions, hit.region_weights, max_side=640)),
-                           f"{hit.score:.3f}"))
-        return images
+            small, regions = shrink_for_drawing(image, regions_in(hit.regions, image.size), RESULT_MAX_SIDE)
+            drawing = draw_attention(small, regions, hit.region_weights, max_side=RESULT_MAX_SIDE)
+            images.append((self.drawings.save(drawing), f"{hit.score:.3f}"))
+            hits.append(hit)
+        state["hits"] = hits
+        searched = sum(len(g) for g in galleries)
+        status = (f"Searched **{searched:,} image{'s' if searched != 1 else ''}**"
+                  + (f" ({len(self.served):,} served, {len(state['gallery'])} of yours)." if self.served else "."))
+        drawing, description = self._show_hit(state, 0) if hits else (None, "No match could be shown.")
+        return images, status, drawing, description, state
+
+    def _hit_image(self, hit: SearchHit, state: dict) -> Image.Image | None:
+        """The picture of a hit, or ``None`` (with a warning) when its file is gone."""
+        name = state["names"].get(hit.key, hit.key)
+        if hit.source is not None:
+            try:
+                return load_image(hit.source, self.max_pixels, max_side=WORKING_MAX_SIDE, name=name)
+            except ImageError:
+                pass
+        where = "uploads are kept for a day; add it again" if hit.key in state["names"] else "rebuild the gallery"
+        gr.Warning(f"{name} is no longer on the server ({where} to see it).")
+        return None
+
+    def _show_hit(self, state: dict, row: int) -> tuple[str | None, str]:
+        """The drawing of hit ``row`` of the session's last search and what it is."""
+        hit: SearchHit = state["hits"][row]
+        image = self._hit_image(hit, state)
+        if image is None:
+            return None, ""
+        regions = regions_in(hit.regions, image.size)
+        drawing = draw_attention(image, regions, hit.region_weights, max_side=DRAWING_MAX_SIDE)
+        looked = ""
+        if hit.region_weights is not None:
+            top = np.argsort(-hit.region_weights, kind="stable")[:3]
+            looked = "; looked at " + ", ".join(f"{region_label(regions, i)} {100 * hit.region_weights[i]:.0f}%"
+                                               for i in top)
+        return self.drawings.save(drawing), f"{row + 1}. {state['names'].get(hit.key, hit.key)} ({hit.score:.3f}){looked}"
+
+    def highlight_hit(self, rank: float | None, state: dict | None) -> tuple[str | None, str]:
+        """The drawing and description of the match ranked ``rank`` (1 = best) in the last search."""
+        if not state or not state.get("hits"):
+            raise refuse("Search the gallery first.")
+        n = len(state["hits"])
+        if rank is None or not float(rank).is_integer() or not 1 <= rank <= n:
+            raise refuse(f"Pick a match from 1 to {n}.")
+        return self._show_hit(state, int(rank) - 1)
+
+    def select_hit(self, state: dict | None, evt: gr.SelectData) -> tuple[int, str | None, str]:
+        """Show the clicked match: its rank, drawing and description."""
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+        return (row + 1, *self.highlight_hit(row + 1, state))
 
 
 def model_card(checkpoint: str) -> str:
@@ -341,9 +426,12 @@ def model_card(checkpoint: str) -> str:
 
 
 def build_demo(retriever: Retriever, checkpoint: str,
-               kernels_building: Callable[[], bool] = lambda: False) -> gr.Blocks:
-    """The Gradio Blocks UI around a retriever (``kernels_building``: see :class:`Demo`)."""
-    demo_logic = Demo(retriever, DrawingFiles(Path(get_upload_folder()) / "adapt-drawings"), kernels_building)
+               kernels_building: Callable[[], bool] = lambda: False,
+               served: GalleryIndex | None = None, served_problem: str | None = None) -> gr.Blocks:
+    """The Gradio Blocks UI around a retriever (``kernels_building``, ``served``,
+    ``served_problem``: see :class:`Demo`)."""
+    demo_logic = Demo(retriever, DrawingFiles(Path(get_upload_folder()) / "adapt-drawings"), kernels_building,
+                      served, served_problem)
     with gr.Blocks(title="ADAPT image-text retrieval", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# ADAPT: adaptive cross-modal embeddings\nRank captions for an image, or search "
                     "images with a caption. The highlight shows each region's share of the caption's "
@@ -390,14 +478,31 @@ def build_demo(retriever: Retriever, checkpoint: str,
                 query = gr.Textbox(label="Caption", placeholder="a cat lying on a blanket", scale=4)
                 top_k = gr.Slider(1, 50, value=8, step=1, label="Results", scale=1)
             search_button = gr.Button("Search", variant="primary")
-            results = gr.Gallery(label="Best matches (score), attended regions lit", columns=4, height="auto")
-            gallery_status = gr.Markdown(Demo._gallery_status(gallery_state.value), label="Gallery status")
+            search_status = gr.Markdown(label="Images searched", elem_id="search-status")
+            with gr.Row():
+                results = gr.Gallery(label="Best matches (score), attended regions lit; click one to see it",
+                                     columns=4, height="auto", scale=3, elem_id="search-results")
+                with gr.Column(scale=2):
+                    hit_drawing = gr.Image(label="Where the caption looked in the selected match", type="filepath",
+                                           interactive=False, height=360, elem_id="hit-drawing")
+                    with gr.Row():
+                        hit_caption = gr.Textbox(label="Selected match", interactive=False, scale=4,
+                                                 elem_id="hit-caption")
+                        hit_rank = gr.Number(1, label="Rank of the selected match", precision=0, minimum=1, scale=1)
+            gallery_status = gr.Markdown(demo_logic.gallery_status(gallery_state.value), label="Gallery status",
+                                         elem_id="gallery-status")
             with gr.Row():
                 uploads = gr.File(file_count="multiple", file_types=["image"], label="Add images to the gallery")
                 clear_button = gr.Button("Clear the gallery", variant="stop")
-            search_button.click(demo_logic.search, [query, top_k, gallery_state], results, api_name="search_gallery")
-            query.submit(demo_logic.search, [query, top_k, gallery_state], results,
+            found = [results, search_status, hit_drawing, hit_caption, gallery_state]
+            search_button.click(demo_logic.search, [query, top_k, gallery_state], found, api_name="search_gallery")
+            query.submit(demo_logic.search, [query, top_k, gallery_state], found,
                          api_name="search_gallery_on_enter", api_visibility="private")
+            hit_rank.input(demo_logic.highlight_hit, [hit_rank, gallery_state], [hit_drawing, hit_caption],
+                           api_name="highlight_hit", trigger_mode="always_last")
+            # Clicks carry gr.SelectData, which API clients cannot send: they use /highlight_hit.
+            results.select(demo_logic.select_hit, [gallery_state], [hit_rank, hit_drawing, hit_caption],
+                           api_name="select_hit", api_visibility="private")
             # Extraction is the slow step: one add at a time, beside (not instead of) ranking and search.
             uploads.upload(demo_logic.add_images, [uploads, gallery_state], [gallery_state, gallery_status, uploads],
                            api_name="add_images", concurrency_limit=1, concurrency_id="add_images")
@@ -413,6 +518,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.environ.get("ADAPT_CHECKPOINT", str(DEFAULT_CHECKPOINT)),
                         help="local folder or Hub repo id (default: $ADAPT_CHECKPOINT or the bundled model)")
+    parser.add_argument("--gallery", default=os.environ.get("ADAPT_GALLERY"),
+                        help="a gallery index (python -m training.index) to search besides the uploads "
+                             "(default: $ADAPT_GALLERY)")
     parser.add_argument("--allow-extractor-mismatch", action="store_true",
                         help="run even if the region extractor differs from the model's (recall suffers)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -425,7 +533,13 @@ def main(argv: list[str] | None = None) -> None:
                                               allow_extractor_mismatch=args.allow_extractor_mismatch)
     except (CheckpointError, OSError, ValueError) as e:
         parser.error(f"cannot load checkpoint {args.checkpoint!r}: {e}")
-    demo = build_demo(retriever, args.checkpoint, kernels_building=warm_up.is_alive)
+    served, problem = open_gallery(args.gallery, retriever.model) if args.gallery else (None, None)
+    if problem:
+        logger.warning("%s", problem)
+    elif served is not None:
+        logger.info("serving the gallery %s: %d images", args.gallery, len(served))
+    demo = build_demo(retriever, args.checkpoint, kernels_building=warm_up.is_alive, served=served,
+                      served_problem=problem)
     demo.queue(default_concurrency_limit=2, max_size=32)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, show_error=True)
 

@@ -1,8 +1,8 @@
 """From raw images and text to rankings: image -> regions -> features -> ADAPT scores.
 
 ``Retriever`` pairs a model with the region extractor it was trained with (refusing any other),
-ranks captions for an image, searches a gallery of images with a caption, and keeps each region's
-share of the score so callers can show where the caption looked.
+ranks captions for an image, searches a gallery (:mod:`adapt.gallery`) with a caption, and keeps
+each region's share of the score so callers can show where the caption looked.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from adapt.device import pick_device
+from adapt.gallery import Gallery, GalleryModelError, SearchHit, region_shares
 from adapt.io import atomic_write
 from adapt.model import AdaptModel
 from adapt.regions import (
@@ -33,22 +33,6 @@ from adapt.regions import (
 )
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
-
-
-def region_shares(terms: torch.Tensor) -> np.ndarray:
-    """Each region's share of the evidence for a caption, from its terms of the T2I score.
-
-    Args:
-        terms: ``(..., k)`` regions' terms of the score (``Scores.region_attention``).
-
-    Returns:
-        ``(..., k)`` float32: the positive terms divided by their sum (uniform where none is
-        positive); regions that speak against the caption get 0.
-    """
-    positive = terms.clamp(min=0).float().cpu()
-    total = positive.sum(-1, keepdim=True)
-    uniform = torch.full_like(positive, 1.0 / positive.shape[-1])
-    return torch.where(total > 0, positive / total.clamp(min=1e-12), uniform).numpy()
 
 
 @dataclass
@@ -70,37 +54,6 @@ class RankedCaptions:
     order: np.ndarray
     region_weights: np.ndarray | None
     regions: Regions
-
-
-@dataclass
-class SearchHit:
-    """One gallery image found by a caption: its key, score, regions and each region's share of the score."""
-
-    key: str
-    score: float
-    regions: Regions
-    region_weights: np.ndarray | None
-
-
-@dataclass
-class Gallery:
-    """Images to search, with their regions; region features are encoded once, lazily."""
-
-    keys: list[str] = field(default_factory=list)
-    regions: list[Regions] = field(default_factory=list)
-    _encoded: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def add(self, key: str, regions: Regions) -> None:
-        """Add one image (a key already present is replaced)."""
-        if key in self.keys:
-            self.regions[self.keys.index(key)] = regions
-        else:
-            self.keys.append(key)
-            self.regions.append(regions)
-        self._encoded = None
 
 
 class RegionCache:
@@ -235,9 +188,6 @@ class Retriever:
                 self.cache.put(key, cached)
         return key, cached
 
-    def _features(self, regions: Sequence[Regions]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([r.features for r in regions]))
-
     @torch.inference_mode()
     def rank_captions(
         self, image: ImageSource | Regions, captions: list[str], directions: tuple[str, ...] | None = None
@@ -250,35 +200,24 @@ class Retriever:
             directions: ``("t2i",)``, ``("i2t",)`` or both (default: the model's kind).
         """
         regions = image if isinstance(image, Regions) else self.regions(image)[1]
-        out = self.model.score(self._features([regions]), list(captions), directions=directions,
+        out = self.model.score(torch.from_numpy(regions.features[None]), list(captions), directions=directions,
                                return_attention=True)
         scores = out.scores[0].cpu().numpy()
         order = np.argsort(-scores, kind="stable")
         weights = None if out.region_attention is None else region_shares(out.region_attention[0])[order]
         return RankedCaptions([captions[i] for i in order], scores[order], order, weights, regions)
 
-    @torch.inference_mode()
     def search(
         self, gallery: Gallery, caption: str, top_k: int = 10,
         directions: tuple[str, ...] | None = None,
     ) -> list[SearchHit]:
-        """The ``top_k`` gallery images for a caption, best first, with where the caption looked in each."""
-        if len(gallery) == 0:
-            return []
-        if gallery._encoded is None:
-            gallery._encoded = self.model.encode_regions(self._features(gallery.regions))
-        words, mask = self.model.encode_text([caption])
-        out = self.model.similarity(gallery._encoded, words, mask, directions=directions)
-        scores = out.scores[:, 0]
-        best = torch.topk(scores, min(top_k, len(gallery))).indices
-        attention = None
-        if "t2i" in (directions or self.directions):
-            # Fovea weights for the few hits only: attention maps take the slower, exact path.
-            attention = region_shares(self.model.similarity(
-                gallery._encoded[best], words, mask, directions=("t2i",), return_attention=True,
-            ).region_attention[:, 0])
-        return [
-            SearchHit(gallery.keys[i], float(scores[i]), gallery.regions[i],
-                      None if attention is None else attention[rank])
-            for rank, i in enumerate(best.tolist())
-        ]
+        """The ``top_k`` gallery images for a caption, best first, with where the caption looked in each.
+
+        Raises:
+            GalleryModelError: the gallery holds another model's encodings.
+        """
+        if gallery.model is not self.model:
+            raise GalleryModelError("this gallery holds the encodings of another model than this "
+                                    "retriever's: build it with MemoryGallery(retriever.model), or open "
+                                    "the index with this retriever's model")
+        return gallery.search([caption], top_k, directions=directions)[0]

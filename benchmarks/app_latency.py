@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 import app
-from adapt.pipeline import DEFAULT_CHECKPOINT, Gallery, Retriever
+from adapt.gallery import MemoryGallery
+from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
 
 CAPTIONS = "\n".join([
     "a mug", "a red apple", "an orange", "a butterfly", "a soccer ball", "a sliced lime",
@@ -66,15 +67,13 @@ def main() -> None:
                 rank_times.append(time.perf_counter() - start)
         demo.close()
 
-        base, paths = logic.start_state["gallery"], logic.start_state["paths"]
-        gallery = Gallery()
+        base = logic.start_state["gallery"]
+        gallery = MemoryGallery(base.model)
         for i in range(args.gallery):
-            key = base.keys[i % len(base)]
-            regions = base.regions[i % len(base)]
+            key, regions, source = (values[i % len(base)] for values in (base.keys, base.regions, base.sources))
             noisy = regions.features + rng.normal(0, 0.01, regions.features.shape).astype(np.float32)
-            gallery.add(f"{key}-{i}", dataclasses.replace(regions, features=noisy))
-        state = {"gallery": gallery, "paths": {f"{k}-{i}": paths[k] for i, k in
-                                               ((i, base.keys[i % len(base)]) for i in range(args.gallery))}}
+            gallery.add(f"{key}-{i}", dataclasses.replace(regions, features=noisy), source=source)
+        state = {**logic.empty_state(), "gallery": gallery}
         logic.search("a mug", 8, state)  # encodes the gallery once, as the app does on first query
         search_times = []
         for query in (CAPTIONS.splitlines() * 3)[: args.runs]:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from adapt import AdaptConfig, AdaptModel, build_vocab
+from adapt.gallery import SearchHit
 from adapt.search import (
     ANN_MIN_ROWS,
     DEFAULT_CANDIDATES,
@@ -51,7 +52,6 @@ from adapt.search import (
     POOL_FACTOR,
     REFINE_FACTOR,
     GalleryIndex,
-    SearchResult,
 )
 from training.synthetic import ConceptImages, concept_images, concept_prototypes, train_briefly
 
@@ -99,8 +99,9 @@ def grow(index: GalleryIndex, size: int, protos: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def recall_at_10(found: list[SearchResult], truth: list[SearchResult]) -> float:
-    return float(np.mean([len(set(f.ids) & set(t.ids)) / len(t.ids) for f, t in zip(found, truth)]))
+def recall_at_10(found: list[list[SearchHit]], truth: list[list[SearchHit]]) -> float:
+    """Mean share of each caption's true top-10 keys among the found ones."""
+    return float(np.mean([len({h.key for h in f} & {h.key for h in t}) / len(t) for f, t in zip(found, truth)]))
 
 
 def evict_regions(index: GalleryIndex) -> None:
@@ -117,7 +118,7 @@ def evict_regions(index: GalleryIndex) -> None:
 
 def timed_searches(
     index: GalleryIndex, captions: list[str], candidates: int, cold: bool = False
-) -> tuple[list[SearchResult], np.ndarray]:
+) -> tuple[list[list[SearchHit]], np.ndarray]:
     """One ``search`` call per caption, as a server answers queries: results and milliseconds.
 
     ``cold``: evict the regions from the page cache before each query (not timed).
@@ -134,8 +135,8 @@ def timed_searches(
 
 
 def report(
-    index: GalleryIndex, k: int, cold: bool, found: list[SearchResult], ms: np.ndarray,
-    truth: list[SearchResult],
+    index: GalleryIndex, k: int, cold: bool, found: list[list[SearchHit]], ms: np.ndarray,
+    truth: list[list[SearchHit]],
 ) -> dict:
     """One result row (latency percentiles, recall@10 on the captions with ground truth), printed."""
     row = {"size": len(index), "first_stage": index.first_stage, "candidates": k, "cold": cold,

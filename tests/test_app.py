@@ -109,10 +109,16 @@ def test_a_non_image_file_is_refused(client, tmp_path):
 
 
 def test_gallery_search_add_and_clear(client, tmp_path):
-    hits = client.predict("a cat lying on a blanket", 3, api_name="/search_gallery")
+    hits, status, drawing, shown = client.predict("a cat lying on a blanket", 3, api_name="/search_gallery")
     assert len(hits) == 3 and all(Image.open(h["image"]).size[0] > 0 for h in hits)
     scores = [float(h["caption"]) for h in hits]
     assert scores == sorted(scores, reverse=True)
+    assert f"Searched **{len(app.EXAMPLES)} images**" in status
+    assert Image.open(drawing).size[0] > 0 and shown.startswith("1. ") and f"({hits[0]['caption']})" in shown
+    second, shown = client.predict(2, api_name="/highlight_hit")
+    assert shown.startswith("2. ") and f"({hits[1]['caption']})" in shown
+    with pytest.raises(AppError, match="Pick a match from 1 to 3"):
+        client.predict(4, api_name="/highlight_hit")
 
     status, _ = client.predict(api_name="/clear_gallery")[:2]
     assert "empty" in status
@@ -123,11 +129,11 @@ def test_gallery_search_add_and_clear(client, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     status = client.predict([handle_file(CAT), handle_file(str(bad))], api_name="/add_images")[0]
     assert "1 image" in status
-    assert len(client.predict("a cat", 10, api_name="/search_gallery")) == 1
+    assert len(client.predict("a cat", 10, api_name="/search_gallery")[0]) == 1
 
     # Each session has its own gallery: a new session still starts from the sample photos.
     other = Client(client.src, verbose=False)
-    assert len(other.predict("a cat", 10, api_name="/search_gallery")) == len(app.EXAMPLES)
+    assert len(other.predict("a cat", 10, api_name="/search_gallery")[0]) == len(app.EXAMPLES)
 
 
 def test_search_with_an_empty_query_is_refused(client):

@@ -244,7 +244,7 @@ def test_word_pieces_that_are_all_unknown_get_a_warning(transformer_served):
 def test_every_endpoint_and_output_is_named(client, served):
     api = client.view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) == {"/rank_captions", "/highlight_caption", "/search_gallery",
-                                           "/add_images", "/clear_gallery"}
+                                           "/highlight_hit", "/add_images", "/clear_gallery"}
     assert api["unnamed_endpoints"] == {}
     returns = [r["label"] for e in api["named_endpoints"].values() for r in e["returns"]]
     assert all(label and not label.startswith("value_") for label in returns)

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from adapt import AdaptConfig, AdaptModel, build_vocab
-from adapt.pipeline import Gallery, RegionCache, Retriever
+from adapt.gallery import GalleryModelError, MemoryGallery
+from adapt.pipeline import RegionCache, Retriever
 from adapt.regions import ExtractorMismatchError, RegionExtractor, Regions
 from adapt.regions.base import Detections
 from adapt.visualize import draw_attention
@@ -112,7 +113,7 @@ def test_cached_regions_skip_extraction_and_a_truncated_cache_file_is_recomputed
 def test_gallery_add_replaces_an_existing_key(model):
     retriever = Retriever(model, extractor=StubExtractor())
     old, other, new = (retriever.regions(picture(seed))[1] for seed in (1, 2, 3))
-    gallery = Gallery()
+    gallery = MemoryGallery(retriever.model)
     gallery.add("a", old)
     gallery.add("b", other)
     assert {hit.key: hit.regions for hit in retriever.search(gallery, CAPTIONS[0])}["a"] is old
@@ -122,6 +123,15 @@ def test_gallery_add_replaces_an_existing_key(model):
     assert len(hits) == 2 and hits["a"].regions is new, "the encoded gallery was rebuilt"
     expected = retriever.rank_captions(new, [CAPTIONS[0]]).scores[0]
     assert hits["a"].score == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_a_gallery_is_searched_only_with_the_model_that_encoded_it(model):
+    retriever = Retriever(model, extractor=StubExtractor())
+    other = AdaptModel(model.config)
+    gallery = MemoryGallery(other)
+    gallery.add("a", retriever.regions(picture(1))[1])
+    with pytest.raises(GalleryModelError, match="another model"):
+        retriever.search(gallery, CAPTIONS[0])
 
 
 def test_draw_attention_lights_the_most_attended_box_brightest():

@@ -1,6 +1,7 @@
 """Two-stage gallery search: incremental sharded storage, memory maps, exactness against exhaustive
 ADAPT, first-stage recall, the compressed ANN path, and refusing an index built with another model."""
 
+import dataclasses
 import json
 
 import faiss
@@ -11,7 +12,17 @@ from test_model import concept_data
 
 from adapt import AdaptConfig, AdaptModel, HingeLoss, build_vocab
 from adapt import search
-from adapt.search import GalleryIndex, GalleryIndexError, first_stage, merge_top_k, top_candidates
+from adapt.gallery import MemoryGallery
+from adapt.regions import Regions
+from adapt.search import (
+    GalleryIndex,
+    GalleryIndexError,
+    ImageDetails,
+    QdrantFirstStage,
+    first_stage,
+    merge_top_k,
+    top_candidates,
+)
 
 N_GALLERY = 300
 
@@ -71,8 +82,12 @@ def queries(n: int = 20) -> list[str]:
     return concept_data(n, seed=7)[1]
 
 
+def keys(hits) -> list[str]:
+    return [hit.key for hit in hits]
+
+
 def recall_at_10(found, truth) -> float:
-    return float(np.mean([len(set(f.ids) & set(t.ids)) / 10 for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(keys(f)) & set(keys(t))) / 10 for f, t in zip(found, truth)]))
 
 
 def test_incremental_adds_append_in_order_and_never_rewrite_full_shards(tmp_path, model, data):
@@ -123,10 +138,10 @@ def test_two_stage_with_every_image_as_candidate_is_exhaustive_adapt(gallery, mo
         scores = model.similarity(regions, words, mask).scores.numpy()  # (n_images, n_captions)
     for q, (found, truth) in enumerate(zip(two_stage, exhaustive)):
         best = np.argsort(-scores[:, q])[:10]
-        assert found.ids == truth.ids == [ids[i] for i in best]
-        np.testing.assert_allclose(found.scores, scores[best, q], rtol=0, atol=1e-6)
-        np.testing.assert_allclose(truth.scores, scores[best, q], rtol=0, atol=1e-6)
-        np.testing.assert_array_equal(found.boxes, boxes[found.shards * gallery.shard_size + found.rows])
+        assert keys(found) == keys(truth) == [ids[i] for i in best]
+        np.testing.assert_allclose([h.score for h in found], scores[best, q], rtol=0, atol=1e-6)
+        np.testing.assert_allclose([h.score for h in truth], scores[best, q], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.stack([h.regions.boxes for h in found]), boxes[best])
 
 
 def test_first_stage_recall_grows_with_candidates_and_fovea_max_beats_the_mean(
@@ -137,7 +152,7 @@ def test_first_stage_recall_grows_with_candidates_and_fovea_max_beats_the_mean(
     mean.add(images, boxes, ids)
     captions = queries()
     truth = gallery.search_exhaustive(captions, top_k=10)
-    assert [r.ids for r in mean.search_exhaustive(captions, top_k=10)] == [r.ids for r in truth]
+    assert [keys(r) for r in mean.search_exhaustive(captions, top_k=10)] == [keys(r) for r in truth]
     recalls = {
         index.first_stage: {k: recall_at_10(index.search(captions, top_k=10, candidates=k), truth)
                             for k in (10, 20, 40, len(gallery))}
@@ -184,7 +199,7 @@ def test_large_shard_switches_to_a_compressed_index_that_keeps_exact_scores(
     assert ann.k_factor == search.REFINE_FACTOR
     captions = queries(8)
     truth = index.search_exhaustive(captions, top_k=10)
-    assert [r.ids for r in index.search(captions, top_k=10, candidates=n)] == [r.ids for r in truth]
+    assert [keys(r) for r in index.search(captions, top_k=10, candidates=n)] == [keys(r) for r in truth]
     assert recall_at_10(index.search(captions, top_k=10, candidates=40), truth) >= 0.9
 
 
@@ -272,3 +287,90 @@ def test_shard_merges_need_only_scores_and_ids():
     rows = [np.array([[4, 7]]), np.array([[3, -1]])]  # FAISS pads missing hits with -1
     shard, row = top_candidates(scores, rows, 3)
     assert shard.tolist() == [[0, 1, 0]] and row.tolist() == [[4, 3, 7]]
+
+
+def test_a_config_field_added_with_its_default_keeps_indexes_valid(gallery, model):
+    """The fingerprint records the config field by field: a field added to AdaptConfig later, left
+    at its default, matches an index built before it existed; set otherwise, it is named."""
+    newer = dataclasses.make_dataclass("NewerConfig", [("new_option", float, dataclasses.field(default=0.5))],
+                                       bases=(AdaptConfig,))
+    assert "new_option" not in json.loads((gallery.folder / "manifest.json").read_text())["model"]["config"]
+    original = model.config
+    try:
+        model.config = newer(**original.to_dict())
+        assert len(GalleryIndex.open(gallery.folder, model)) == N_GALLERY
+        model.config = newer(**original.to_dict(), new_option=2.0)
+        with pytest.raises(GalleryIndexError, match="new_option: index 0.5, model 2.0"):
+            GalleryIndex.open(gallery.folder, model)
+    finally:
+        model.config = original
+
+
+def hit_table(hits) -> list[list[str]]:
+    return [keys(per_caption) for per_caption in hits]
+
+
+def test_memory_gallery_faiss_and_qdrant_indexes_give_the_same_hits(tmp_path, model, data):
+    pytest.importorskip("qdrant_client")
+    images, boxes, ids = data
+    n = 120
+    memory = MemoryGallery(model)
+    for i in range(n):
+        memory.add(ids[i], Regions(boxes=boxes[i], features=images[i], labels=[f"l{j}" for j in range(8)],
+                                   scores=np.ones(8, np.float32), is_fill=np.zeros(8, bool), image_size=(100, 100)))
+    faiss_index = GalleryIndex.create(tmp_path / "faiss", model, shard_size=50)
+    qdrant_index = GalleryIndex.create(tmp_path / "qdrant", model, shard_size=50,
+                                       qdrant=QdrantFirstStage.connect(":memory:", "test-gallery"))
+    details = [ImageDetails.of(r) for r in memory.regions]
+    for index in (faiss_index, qdrant_index):
+        index.add(images[:70], boxes[:70], ids[:70], details[:70])
+        index.add(images[70:n], boxes[70:n], ids[70:n], details[70:n])
+    captions = queries(6)
+    expected = memory.search(captions, top_k=5)
+    for index in (faiss_index, qdrant_index):
+        found = index.search(captions, top_k=5, candidates=n)
+        assert hit_table(found) == hit_table(expected)
+        for mine, theirs in zip(found, expected):
+            for a, b in zip(mine, theirs):
+                assert a.score == pytest.approx(b.score, abs=2e-3)  # the index stores float16
+                np.testing.assert_allclose(a.region_weights, b.region_weights, atol=2e-3)
+                np.testing.assert_array_equal(a.regions.boxes, b.regions.boxes)
+                assert a.regions.labels == b.regions.labels and a.regions.image_size == (100, 100)
+    # With fewer candidates the first stages agree with each other too.
+    assert hit_table(faiss_index.search(captions, 5, candidates=20)) == \
+        hit_table(qdrant_index.search(captions, 5, candidates=20))
+
+
+def test_a_qdrant_index_reopens_its_local_collection_and_ignores_points_of_a_dead_add(tmp_path, model, data):
+    pytest.importorskip("qdrant_client")
+    images, boxes, ids = data
+    index = GalleryIndex.create(tmp_path, model, shard_size=64,
+                                qdrant=QdrantFirstStage.connect("qdrant", "local", tmp_path))
+    index.add(images[:80], boxes[:80], ids[:80])
+    # As if an add of 20 more had upserted its points and died before the manifest.
+    with torch.inference_mode():
+        vectors = first_stage.image_vectors(model, "fovea-max", model.encode_regions(torch.from_numpy(images[80:100])))
+    index.qdrant.add(80, vectors.numpy())
+    index.close()
+    index = GalleryIndex.open(tmp_path, model)
+    assert index.qdrant.location == "qdrant" and (tmp_path / "qdrant").is_dir()
+    found = index.search(queries(10), top_k=10, candidates=100)
+    assert all(set(keys(hits)) <= set(ids[:80]) for hits in found)
+    index.add(images[80:90], boxes[80:90], ids[80:90])
+    assert len(index) == 90 and index.qdrant.client.count("local").count == 100
+    assert hit_table(index.search(queries(10), 10, candidates=90)) == hit_table(index.search_exhaustive(queries(10)))
+    with pytest.raises(GalleryIndexError, match="one process at a time"):
+        GalleryIndex.open(tmp_path, model)
+    index.close()
+    with pytest.raises(GalleryIndexError, match="exists already"):
+        GalleryIndex.create(tmp_path / "other", model, qdrant=QdrantFirstStage.connect("../qdrant", "local",
+                                                                                        tmp_path / "other"))
+
+
+def test_ids_already_in_the_index_are_refused(tmp_path, model, data):
+    images, _, ids = data
+    index = GalleryIndex.create(tmp_path, model)
+    index.add(images[:5], None, ids[:5])
+    assert ids[0] in index and ids[5] not in index
+    with pytest.raises(ValueError, match="must be new and distinct; repeated: \\['img-4'\\]"):
+        index.add(images[4:6], None, ids[4:6])

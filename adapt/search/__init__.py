@@ -10,7 +10,12 @@ a large gallery is far too slow for a query. Search therefore runs in two stages
 - :mod:`adapt.search.index`: :class:`GalleryIndex`, the coordinator: it gathers every shard's
   candidates, has them re-ranked with exact ADAPT scores and merges the shards' results;
 - :mod:`adapt.search.shard`: the storage, self-contained memory-mapped shards that grow by
-  appending and can be served from separate machines.
+  appending and can be served from separate machines;
+- :mod:`adapt.search.qdrant`: the first stage on a Qdrant collection instead of FAISS (optional),
+  embedded or on a server or cluster.
+
+Its results are those of every gallery (:mod:`adapt.gallery`): lists of
+:class:`~adapt.gallery.SearchHit`.
 
 Recall of the first stage against exhaustive ADAPT is what ``candidates`` trades against latency;
 ``benchmarks/search_scale.py`` measures it.
@@ -22,8 +27,11 @@ Example::
     index = GalleryIndex.create("gallery", model)
     index.add(region_features, boxes, ids)            # (n, r, region_dim), (n, r, 4), n ids
     hits = GalleryIndex.open("gallery", model).search(["a dog on a bench"], top_k=10)[0]
+
+``python -m training.index`` builds one from a folder of images or of extracted features.
 """
 
+from adapt.gallery import merge_top_k
 from adapt.search.first_stage import (
     ANN_MIN_ROWS,
     FIRST_STAGES,
@@ -40,12 +48,12 @@ from adapt.search.index import (
     DEFAULT_CANDIDATES,
     DEFAULT_SHARD_SIZE,
     GalleryIndex,
-    SearchResult,
-    merge_top_k,
+    fingerprint_differences,
     model_fingerprint,
     top_candidates,
 )
-from adapt.search.shard import GalleryIndexError, Shard
+from adapt.search.qdrant import QdrantFirstStage
+from adapt.search.shard import GalleryIndexError, ImageDetails, Shard
 
 __all__ = [
     "ANN_MIN_ROWS",
@@ -57,11 +65,13 @@ __all__ = [
     "FirstStage",
     "GalleryIndex",
     "GalleryIndexError",
-    "SearchResult",
+    "ImageDetails",
+    "QdrantFirstStage",
     "Shard",
     "ann_queries",
     "build_ann",
     "caption_queries",
+    "fingerprint_differences",
     "first_stage_scores",
     "image_vectors",
     "merge_top_k",

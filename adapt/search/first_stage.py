@@ -29,7 +29,7 @@ The ``candidates`` (K) best images by the first-stage score go on to exact re-ra
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import faiss
 import numpy as np
@@ -92,6 +92,38 @@ def first_stage_scores(kind: FirstStage, query: np.ndarray, vectors: np.ndarray)
     pooled = scale * extreme + shift
     norms = np.linalg.norm(pooled, axis=1) * np.linalg.norm(mean_word)
     return pooled @ mean_word / np.maximum(norms, 1e-12)
+
+
+def pool_size(kind: FirstStage, k: int) -> int:
+    """Hits asked of the inner-product index to keep ``k`` candidates: ``POOL_FACTOR * k`` for
+    ``"fovea-max"`` (re-scored by :func:`rescore`), ``k`` for ``"mean"`` (whose inner product is
+    its score)."""
+    return k * (POOL_FACTOR if kind == "fovea-max" else 1)
+
+
+def rescore(
+    kind: FirstStage, queries: np.ndarray, found: Sequence[np.ndarray], vectors: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each caption's pool of hits by first-stage score, whatever index found them.
+
+    Args:
+        queries: ``(n_captions, qdim)`` from :func:`caption_queries`.
+        found: per caption, the rows the inner-product index returned.
+        vectors: per caption, those rows' first-stage vectors ``(len(found[i]), dim)``.
+
+    Returns:
+        ``scores (n_captions, k')`` and ``rows (n_captions, k')``, best first, ``k'`` the largest
+        pool or ``k`` if smaller; ``-inf`` and ``-1`` pad a caption with fewer hits.
+    """
+    width = min(k, max((len(f) for f in found), default=0))
+    scores = np.full((len(queries), width), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), width), -1, dtype=np.int64)
+    for i, (query, hits, hit_vectors) in enumerate(zip(queries, found, vectors)):
+        if len(hits):
+            pooled = first_stage_scores(kind, query, np.asarray(hit_vectors, dtype=np.float32))
+            best = np.argsort(-pooled, kind="stable")[:width]
+            scores[i, :len(best)], rows[i, :len(best)] = pooled[best], np.asarray(hits)[best]
+    return scores, rows
 
 
 def vector_size(model: AdaptModel, kind: FirstStage) -> int:

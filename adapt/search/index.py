@@ -26,26 +26,29 @@ copy of the model) needs to expose just :meth:`Shard.first_stage` and :meth:`Sha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import heapq
 import json
-from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from adapt.gallery import SearchHit, fovea_weights, merge_top_k
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
 from adapt.search.first_stage import FIRST_STAGES, FirstStage, caption_queries, image_vectors, vector_size
-from adapt.search.shard import GalleryIndexError, Shard, write_json
+from adapt.search.qdrant import QdrantFirstStage
+from adapt.search.shard import GalleryIndexError, ImageDetails, Shard, boxes_only, write_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "adapt-gallery-index"
-FORMAT_VERSION = 2  # 2: the model's config hash leaves out its extractor, compared by check_extractor
+# 2: the model's config hash leaves out its extractor, compared by check_extractor;
+# 3: the config recorded field by field, image details, the first stage's backend
+FORMAT_VERSION = 3
+IGNORED_CONFIG_FIELDS = ("card", "format", "extractor")
 DEFAULT_SHARD_SIZE = 250_000
 DEFAULT_CANDIDATES = 200  # twice the K that recalled the whole top-10 of 10k to 1M synthetic images
 ENCODE_BATCH = 512  # images per encode_regions call in add()
@@ -53,28 +56,6 @@ SCORE_BATCH_BYTES = 256 * 2**20  # float32 regions per exact-scoring chunk in se
 PROGRESS_MIN_ROWS = 10_000
 OTHER_MODEL = ("Its stored region features only mean something to that model: open it with the model it was "
                "built with, or build a new index for this one with GalleryIndex.create")
-
-T = TypeVar("T")
-
-
-@dataclass
-class SearchResult:
-    """The ``k`` best images for one caption, best first.
-
-    Attributes:
-        ids: image ids.
-        scores: ``(k,)`` exact ADAPT scores.
-        shards: ``(k,)`` shard number of each image.
-        rows: ``(k,)`` row of each image inside its shard.
-        boxes: ``(k, n_regions, 4)`` region boxes (NaN where none were given).
-    """
-
-    ids: list[str]
-    scores: np.ndarray
-    shards: np.ndarray
-    rows: np.ndarray
-    boxes: np.ndarray
-
 
 def top_candidates(
     scores: Sequence[np.ndarray], rows: Sequence[np.ndarray], k: int
@@ -98,35 +79,58 @@ def top_candidates(
     return shard_of[best], np.take_along_axis(all_rows, best, axis=1)
 
 
-def merge_top_k(lists: Iterable[Iterable[tuple[float, T]]], k: int) -> list[tuple[float, T]]:
-    """Global top ``k`` of several ``(score, item)`` lists (one per shard), best first.
+def _field_defaults(config: Any) -> dict[str, Any]:
+    """Each field of a config dataclass with its default value."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING}
 
-    Only scores and items (ids, or ``(shard, row)``) are needed, so the lists may come from
-    shards served anywhere.
-    """
-    return heapq.nlargest(k, chain.from_iterable(lists), key=lambda hit: hit[0])
+
+def _recorded(value: Any) -> Any:
+    """A config value as a fingerprint records it: scalars as they are, lists and tables (a
+    vocabulary, a concepts table) by their digest."""
+    if isinstance(value, (list, dict)):
+        return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+    return value
 
 
 def model_fingerprint(model: AdaptModel) -> dict[str, Any]:
     """What an index records about the model whose encoded regions it stores.
 
-    ``config_sha256`` covers the architecture (the config without its free-form ``card`` and its
-    ``extractor``, which :meth:`GalleryIndex.open` compares with :func:`adapt.regions.check_extractor`)
-    and ``weights_sha256`` every tensor of the state dict, so a retrained model is told apart too.
+    ``config`` has every field of the architecture (the config without its free-form ``card``, its
+    ``format`` and its ``extractor``, which :meth:`GalleryIndex.open` compares with
+    :func:`adapt.regions.check_extractor`), field by field, so a difference is named and a field
+    added to :class:`~adapt.config.AdaptConfig` later, at its default, changes nothing (see
+    :func:`fingerprint_differences`); ``weights_sha256`` covers every tensor of the state dict, so
+    a retrained model is told apart too.
     """
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("card", "extractor")}
+    config = {k: _recorded(v) for k, v in model.config.to_dict().items() if k not in IGNORED_CONFIG_FIELDS}
     weights = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return {
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-        "weights_sha256": weights.hexdigest(),
-        "latent_size": model.config.latent_size,
-        "region_dim": model.config.region_dim,
-        "similarity": model.config.similarity,
-        "extractor": model.config.extractor,
-    }
+    return {"config": config, "weights_sha256": weights.hexdigest(), "extractor": model.config.extractor}
+
+
+def fingerprint_differences(stored: dict[str, Any], model: AdaptModel) -> list[str]:
+    """``field: index X, model Y`` for every way ``model`` differs from the ``stored`` fingerprint
+    (the extractor aside).
+
+    A config field that only one side records is compared with its default: a field added to the
+    config since the index was built matches while the model leaves it at its default.
+    """
+    current = model_fingerprint(model)
+    defaults = {k: _recorded(v) for k, v in _field_defaults(model.config).items()}
+    absent = "<absent>"
+    differ = []
+    for key in sorted(set(stored["config"]) | set(current["config"])):
+        was = stored["config"].get(key, defaults.get(key, absent))
+        now = current["config"].get(key, defaults.get(key, absent))
+        if was != now:
+            differ.append(f"{key}: index {was!r}, model {now!r}")
+    if stored["weights_sha256"] != current["weights_sha256"]:
+        differ.append(f"weights_sha256: index {stored['weights_sha256']!r}, model {current['weights_sha256']!r}")
+    return differ
 
 
 def _float_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -140,8 +144,8 @@ class GalleryIndex:
     """A sharded, memory-mapped gallery of encoded images with two-stage ADAPT search.
 
     Build with :meth:`create` + :meth:`add`, load with :meth:`open`, query with :meth:`search`
-    (see the module docstring for the design). The model is put in eval mode: BatchNorm must use
-    its running statistics for scores to be per pair.
+    (see the module docstring for the design); one of the galleries of :mod:`adapt.gallery`. The
+    model is put in eval mode: BatchNorm must use its running statistics for scores to be per pair.
 
     Example::
 
@@ -149,15 +153,18 @@ class GalleryIndex:
         index.add(region_features, boxes, ids)            # (n, r, region_dim), (n, r, 4), n ids
         index = GalleryIndex.open("gallery", model)       # later, memory-mapped
         hits = index.search(["a dog on a bench"], top_k=10)[0]
-        hits.ids, hits.scores
+        [(hit.key, hit.score) for hit in hits]
     """
 
-    def __init__(self, folder: Path, model: AdaptModel, manifest: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, model: AdaptModel, manifest: dict[str, Any],
+                 qdrant: QdrantFirstStage | None = None) -> None:
         self.folder = folder
         self.model = model.eval()
         self._manifest = manifest
-        self.shards = [Shard(folder / s["name"], s["count"], manifest["shard_size"])
+        self.qdrant = qdrant
+        self.shards = [Shard(folder / s["name"], s["count"], manifest["shard_size"], with_ann=qdrant is None)
                        for s in manifest["shards"]]
+        self._keys = {key for shard in self.shards for key in shard.ids}
 
     @property
     def shard_size(self) -> int:
@@ -176,6 +183,10 @@ class GalleryIndex:
     def __len__(self) -> int:
         return sum(s.count for s in self.shards)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether an image of this id is in the index."""
+        return key in self._keys
+
     @classmethod
     def create(
         cls,
@@ -183,6 +194,7 @@ class GalleryIndex:
         model: AdaptModel,
         shard_size: int = DEFAULT_SHARD_SIZE,
         first_stage: FirstStage | None = None,
+        qdrant: QdrantFirstStage | None = None,
     ) -> "GalleryIndex":
         """Start an empty index in ``folder`` (which must not hold one) for ``model``'s features.
 
@@ -191,6 +203,8 @@ class GalleryIndex:
                 served from its own machine.
             first_stage: ``"fovea-max"`` (default when the model has T2I) or ``"mean"`` (default
                 for I2T-only models); see the module docstring.
+            qdrant: keep the first-stage vectors in this (new) Qdrant collection instead of a FAISS
+                index per shard (:mod:`adapt.search.qdrant`).
         """
         folder = Path(folder)
         if shard_size < 1:
@@ -205,16 +219,22 @@ class GalleryIndex:
         if (folder / MANIFEST_NAME).exists():
             raise GalleryIndexError(f"{folder} already holds a gallery index: open it with "
                                     "GalleryIndex.open, or pick an empty folder")
+        if qdrant is not None:
+            qdrant.create(vector_size(model, first_stage))
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model_fingerprint(model),
-                    "first_stage": first_stage, "shard_size": shard_size, "n_regions": None,
-                    "shards": [], "count": 0}
+                    "first_stage": first_stage, "backend": {"kind": "faiss"} if qdrant is None else qdrant.describe(),
+                    "shard_size": shard_size, "n_regions": None, "shards": [], "count": 0}
         write_json(folder / MANIFEST_NAME, manifest)
-        return cls(folder, model, manifest)
+        return cls(folder, model, manifest, qdrant)
 
     @classmethod
-    def open(cls, folder: str | Path, model: AdaptModel) -> "GalleryIndex":
+    def open(cls, folder: str | Path, model: AdaptModel, qdrant: QdrantFirstStage | None = None) -> "GalleryIndex":
         """Open an index built for ``model``; its arrays are memory-mapped, not read into RAM.
+
+        Args:
+            qdrant: the client of an index whose first stage is a Qdrant collection (default:
+                connect to where the manifest says).
 
         Raises:
             GalleryIndexError: no index there, or it was built with a different model.
@@ -230,18 +250,31 @@ class GalleryIndex:
         if manifest.get("version") != FORMAT_VERSION:
             raise GalleryIndexError(f"{folder}: an index of format version {manifest.get('version')}; this "
                                     f"adapt reads version {FORMAT_VERSION}: rebuild it with GalleryIndex.create")
-        stored, current = manifest["model"], model_fingerprint(model)
-        differ = [k for k in stored if k != "extractor" and stored[k] != current.get(k)]
+        differ = fingerprint_differences(manifest["model"], model)
         if differ:
-            details = "; ".join(f"{k}: index {stored[k]!r}, model {current.get(k)!r}" for k in differ)
-            raise GalleryIndexError(f"{folder} was built with a different model ({details}). {OTHER_MODEL}")
-        if stored["extractor"] is not None or current["extractor"] is not None:
+            raise GalleryIndexError(f"{folder} was built with a different model ({'; '.join(differ)}). {OTHER_MODEL}")
+        stored = manifest["model"]["extractor"]
+        if stored is not None or model.config.extractor is not None:
             try:
-                check_extractor(stored["extractor"], current["extractor"], names=("index", "model"),
-                                advice=OTHER_MODEL)
+                check_extractor(stored, model.config.extractor, names=("index", "model"), advice=OTHER_MODEL)
             except ExtractorMismatchError as e:
                 raise GalleryIndexError(f"{folder} was built with a different model: {e}") from e
-        return cls(folder, model, manifest)
+        backend = manifest["backend"]
+        if backend["kind"] == "qdrant":
+            if qdrant is None:
+                if backend["location"] is None:
+                    raise GalleryIndexError(f"{folder}: its Qdrant collection was in a client's memory; pass "
+                                            "that client as GalleryIndex.open(..., qdrant=QdrantFirstStage(...))")
+                qdrant = QdrantFirstStage.connect(backend["location"], backend["collection"], folder)
+            qdrant.check(vector_size(model, manifest["first_stage"]))
+        elif qdrant is not None:
+            raise GalleryIndexError(f"{folder}: its first stage is FAISS, not a Qdrant collection")
+        return cls(folder, model, manifest, qdrant)
+
+    def close(self) -> None:
+        """Release the Qdrant client, if any (an embedded collection allows one process at a time)."""
+        if self.qdrant is not None:
+            self.qdrant.close()
 
     # -- building ----------------------------------------------------------------------------
 
@@ -250,6 +283,7 @@ class GalleryIndex:
         region_features: np.ndarray | torch.Tensor,
         boxes: np.ndarray | torch.Tensor | None,
         ids: Sequence[str],
+        details: Sequence[ImageDetails | None] | None = None,
     ) -> None:
         """Encode and append images; existing shards are not rewritten.
 
@@ -257,10 +291,12 @@ class GalleryIndex:
             region_features: ``(n, n_regions, region_dim)`` region features (a memmap works: it is
                 read ``ENCODE_BATCH`` images at a time).
             boxes: ``(n, n_regions, 4)`` region boxes, or None (stored as NaN).
-            ids: ``n`` image ids, kept in order.
+            ids: ``n`` image ids, kept in order, none already in the index.
+            details: per image, what a hit shows (labels, image size, a file to show), or None.
         """
         n = len(region_features)
-        self._check_add(region_features, boxes, ids)
+        self._check_add(region_features, boxes, ids, details)
+        details = [None] * n if details is None else list(details)
         if self.n_regions is None:
             self._manifest["n_regions"] = int(region_features.shape[1])
         touched: set[int] = set()
@@ -271,11 +307,13 @@ class GalleryIndex:
                 shard = self._open_shard()
                 stop = min(n, start + ENCODE_BATCH, start + shard.capacity - shard.count)
                 encoded = self.model.encode_regions(_float_tensor(region_features[start:stop]))
-                vectors = image_vectors(self.model, self.first_stage, encoded)
+                vectors = image_vectors(self.model, self.first_stage, encoded).float().cpu().numpy()
                 batch_boxes = (np.full((stop - start, self.n_regions, 4), np.nan, np.float32)
                                if boxes is None else np.asarray(boxes[start:stop], dtype=np.float32))
-                shard.append(encoded.float().cpu().numpy(), vectors.float().cpu().numpy(),
-                             batch_boxes, [str(i) for i in ids[start:stop]])
+                if self.qdrant is not None:
+                    self.qdrant.add((len(self.shards) - 1) * self.shard_size + shard.count, vectors)
+                shard.append(encoded.float().cpu().numpy(), vectors, batch_boxes,
+                             [str(i) for i in ids[start:stop]], details[start:stop])
                 touched.add(len(self.shards) - 1)
                 progress.update(stop - start)
                 start = stop
@@ -284,8 +322,9 @@ class GalleryIndex:
         self._manifest["shards"] = [{"name": s.folder.name, "count": s.count} for s in self.shards]
         self._manifest["count"] = len(self)
         write_json(self.folder / MANIFEST_NAME, self._manifest)
+        self._keys.update(map(str, ids))
 
-    def _check_add(self, features: Any, boxes: Any, ids: Sequence[str]) -> None:
+    def _check_add(self, features: Any, boxes: Any, ids: Sequence[str], details: Sequence | None) -> None:
         n = len(features)
         shape = tuple(features.shape)
         if len(shape) != 3 or shape[2] != self.model.config.region_dim:
@@ -296,8 +335,12 @@ class GalleryIndex:
                              "extract the same number of regions for every image")
         if boxes is not None and tuple(boxes.shape) != (n, shape[1], 4):
             raise ValueError(f"boxes must have shape {(n, shape[1], 4)}, got {tuple(boxes.shape)}")
-        if len(ids) != n:
-            raise ValueError(f"got {n} images but {len(ids)} ids")
+        if len(ids) != n or (details is not None and len(details) != n):
+            raise ValueError(f"got {n} images but {len(ids)} ids" + ("" if details is None else
+                                                                      f" and {len(details)} details"))
+        repeated = [str(i) for i in ids if str(i) in self._keys]
+        if repeated or len(set(map(str, ids))) != n:
+            raise ValueError(f"image ids must be new and distinct; repeated: {repeated[:5] or 'within the batch'}")
 
     def _open_shard(self) -> Shard:
         """The shard that takes the next rows: the last one, or a new one when it is full."""
@@ -305,7 +348,7 @@ class GalleryIndex:
             folder = self.folder / f"shard-{len(self.shards):05d}"
             self.shards.append(Shard.allocate(
                 folder, self.shard_size, self.n_regions, self.model.config.latent_size,
-                vector_size(self.model, self.first_stage)))
+                None if self.qdrant is not None else vector_size(self.model, self.first_stage)))
         return self.shards[-1]
 
     # -- searching ---------------------------------------------------------------------------
@@ -317,6 +360,14 @@ class GalleryIndex:
             raise GalleryIndexError(f"{self.folder} holds no images yet: add some with .add()")
         return self.model.encode_text(list(captions))
 
+    def _candidates(self, queries: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard and row of each caption's ``candidates`` best images by first-stage score."""
+        if self.qdrant is None:
+            hits = [s.first_stage(self.first_stage, queries, candidates) for s in self.shards]
+            return top_candidates([h[0] for h in hits], [h[1] for h in hits], candidates)
+        _, rows = self.qdrant.candidates(self.first_stage, queries, candidates, len(self))
+        return np.where(rows >= 0, rows // self.shard_size, -1), np.where(rows >= 0, rows % self.shard_size, -1)
+
     @torch.inference_mode()
     def search(
         self,
@@ -325,7 +376,7 @@ class GalleryIndex:
         candidates: int = DEFAULT_CANDIDATES,
         *,
         directions: tuple[str, ...] | None = None,
-    ) -> list[SearchResult]:
+    ) -> list[list[SearchHit]]:
         """Two-stage search: first-stage ANN for ``candidates`` images, exact ADAPT re-ranking.
 
         Args:
@@ -335,15 +386,13 @@ class GalleryIndex:
             directions: similarity directions for re-ranking (default: the model's own).
 
         Returns:
-            One :class:`SearchResult` per caption.
+            Per caption, its ``top_k`` hits, best first.
         """
         if not 1 <= top_k <= candidates:
             raise ValueError(f"need 1 <= top_k <= candidates, got top_k={top_k}, "
                              f"candidates={candidates}")
         words, mask = self._encode_captions(captions)
-        queries = caption_queries(self.model, self.first_stage, words, mask)
-        hits = [s.first_stage(self.first_stage, queries, candidates) for s in self.shards]
-        shard_of, rows = top_candidates([h[0] for h in hits], [h[1] for h in hits], candidates)
+        shard_of, rows = self._candidates(caption_queries(self.model, self.first_stage, words, mask), candidates)
         results = []
         for q in range(len(captions)):
             found = rows[q] >= 0
@@ -352,7 +401,7 @@ class GalleryIndex:
                              mask[q : q + 1], top_k, directions)
                 for s in np.unique(shard_of[q][found])
             ]
-            results.append(self._result(merge_top_k(per_shard, top_k)))
+            results.append(self._hits(merge_top_k(per_shard, top_k), words[q : q + 1], mask[q : q + 1], directions))
         return results
 
     def _rerank(
@@ -377,7 +426,7 @@ class GalleryIndex:
         *,
         directions: tuple[str, ...] | None = None,
         progress: bool | None = None,
-    ) -> list[SearchResult]:
+    ) -> list[list[SearchHit]]:
         """Exact ADAPT scores of every image against every caption: the ground truth for
         :meth:`search` (and its cost). Reads the gallery once, in chunks, for all captions.
 
@@ -399,15 +448,24 @@ class GalleryIndex:
                         new = [(float(scores[i, q]), (s, start + int(i))) for i in top]
                         best[q] = merge_top_k([best[q], new], top_k)
                     bar.update(stop - start)
-        return [self._result(hits) for hits in best]
+        return [self._hits(hits, words[q : q + 1], mask[q : q + 1], directions) for q, hits in enumerate(best)]
 
-    def _result(self, hits: list[tuple[float, tuple[int, int]]]) -> SearchResult:
-        shards = np.array([s for _, (s, _) in hits], dtype=np.int64)
-        rows = np.array([r for _, (_, r) in hits], dtype=np.int64)
-        return SearchResult(
-            ids=[self.shards[s].ids[r] for s, r in zip(shards, rows)],
-            scores=np.array([score for score, _ in hits], dtype=np.float32),
-            shards=shards,
-            rows=rows,
-            boxes=np.stack([self.shards[s].boxes[r] for s, r in zip(shards, rows)]),
-        )
+    def _hits(
+        self, found: list[tuple[float, tuple[int, int]]], words: torch.Tensor, mask: torch.Tensor,
+        directions: tuple[str, ...] | None,
+    ) -> list[SearchHit]:
+        """One caption's ``(score, (shard, row))`` as :class:`SearchHit`, with the fovea's weights."""
+        if not found:
+            return []
+        where = [location for _, location in found]
+        encoded = torch.from_numpy(np.stack([self.shards[s].regions[r] for s, r in where]))
+        weights = fovea_weights(self.model, encoded.to(self.model.device, torch.float32), words, mask, directions)
+        hits = []
+        for rank, (score, (s, r)) in enumerate(found):
+            shard = self.shards[s]
+            details = shard.details(r)
+            boxes = np.array(shard.boxes[r])
+            source = None if details is None or details.source is None else str(self.folder / details.source)
+            hits.append(SearchHit(shard.ids[r], score, boxes_only(boxes) if details is None else details.regions(boxes),
+                                  None if weights is None else weights[rank], source))
+        return hits
