@@ -204,3 +204,6 @@ def test_pyproject_pins_are_those_spaces_and_the_tests_install():
         (app.ROOT / "requirements.txt").read_text().split())
     assert pins(extras["tests"]) == pins((app.ROOT / "tests" / "requirements.txt").read_text().split())
     assert "adapt[training,app]" in extras["tests"]
+    # The Qdrant first stage is optional: an extra the tests install, not what Spaces installs.
+    assert set(pins(extras["qdrant"])) <= set(pins(extras["tests"]))
+    assert "qdrant" not in (app.ROOT / "requirements.txt").read_text()
