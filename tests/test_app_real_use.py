@@ -3,6 +3,8 @@ resources, progress, user text shown literally, the user's file names, unreadabl
 API. Driven through gradio_client and a headless Chromium against the launched app."""
 
 import logging
+import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import app
 from adapt import AdaptConfig, AdaptModel
 from adapt.pipeline import RegionCache, Retriever
 from adapt.regions import build_extractor, load_image
+from adapt.search import GalleryIndex
+from training.index import index_images
 
 # A photo with two distinct objects: a man in a striped shirt and a soccer ball (Debian opencv-doc).
 MESSI = Path("/usr/share/doc/opencv-doc/examples/data/messi5.jpg")
@@ -327,3 +331,66 @@ def test_browser_upload_box_empties_after_adding(page):
     page.locator("input[type=file]").last.set_input_files(str(MESSI))
     page.get_by_text(f"{len(app.EXAMPLES) + 1} images").wait_for(timeout=60_000)
     page.wait_for_function("() => !document.body.innerText.includes('messi5.jpg')", timeout=10_000)
+
+
+# Issue 15: a served gallery in the Search tab.
+
+@pytest.fixture(scope="module")
+def gallery_served(checkpoint, tmp_path_factory):
+    """The app serving a gallery of three photos built by training.index, on the test checkpoint."""
+    photos = tmp_path_factory.mktemp("served-photos")
+    for photo in (Path(CAT), MESSI, app.ROOT / "examples" / "rocket.jpg"):
+        shutil.copy(photo, photos / photo.name)
+    retriever = Retriever.from_pretrained(checkpoint, cache_dir=tmp_path_factory.mktemp("cache"))
+    folder = tmp_path_factory.mktemp("served") / "index"
+    built = GalleryIndex.create(folder, retriever.model)
+    index_images(built, retriever.extractor, photos, sorted(p.name for p in photos.iterdir()), thumbnail_size=256)
+    demo = app.build_demo(retriever, str(checkpoint), served=GalleryIndex.open(folder, retriever.model))
+    demo.queue(default_concurrency_limit=2)
+    _, url, _ = demo.launch(prevent_thread_lock=True, max_file_size=app.MAX_FILE_SIZE)
+    yield url, retriever, demo
+    demo.close()
+
+
+def test_a_served_gallery_is_searched_with_the_sessions_uploads(gallery_served):
+    client = Client(gallery_served[0], verbose=False)
+    hits, status, _, shown = client.predict("a cat", 5, api_name="/search_gallery")
+    assert len(hits) == 3 and status == "Searched **3 images** (3 served, 0 of yours)."
+    assert shown.split(" (")[0] in {"1. cat.jpg", "1. messi5.jpg", "1. rocket.jpg"}
+    client.predict([handle_file(CAT)], api_name="/add_images")
+    hits, status, _, _ = client.predict("a cat", 5, api_name="/search_gallery")
+    assert len(hits) == 4 and status == "Searched **4 images** (3 served, 1 of yours)."
+
+
+def test_a_gallery_that_cannot_be_served_is_explained_in_the_search_tab(served):
+    problem = "The gallery index is not served: /x was built with a different model (latent_size: index 8, model 32)."
+    demo = app.build_demo(served[1], "checkpoint", served_problem=problem)
+    status = next(c["props"]["value"] for c in demo.config["components"] if c["props"].get("elem_id") == "gallery-status")
+    assert status.startswith(problem) and "sample" not in status
+
+
+def test_browser_searches_the_served_gallery_and_shows_the_selected_match(gallery_served):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(gallery_served[0])
+        page.get_by_role("tab", name="Search gallery").click()
+        page.get_by_text("The served gallery holds 3 images").wait_for(timeout=30_000)
+        page.get_by_role("textbox", name="Caption", exact=True).fill("a man kicking a soccer ball")
+        page.get_by_role("button", name="Search", exact=True).click()
+        page.get_by_text("Searched 3 images (3 served, 0 of yours).").wait_for(timeout=60_000)
+        caption = playwright.expect(page.locator("#hit-caption textarea"))
+        caption.to_have_value(re.compile(r"^1\. .+ \(-?\d\.\d{3}\); looked at "), timeout=30_000)
+        drawing = page.locator("#hit-drawing img")
+        first_src = drawing.get_attribute("src")
+        thumbnails = page.locator("#search-results .thumbnail-item")
+        playwright.expect(thumbnails).to_have_count(3, timeout=30_000)
+        thumbnails.nth(1).click()
+        caption.to_have_value(re.compile(r"^2\. "), timeout=30_000)
+        playwright.expect(drawing).not_to_have_attribute("src", first_src, timeout=30_000)
+        assert page.get_by_text("Traceback").count() == 0
+        browser.close()
