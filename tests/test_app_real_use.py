@@ -226,9 +226,7 @@ def transformer_served(tmp_path_factory):
                            text_encoder="transformer", extractor=extractor.identity)).save_pretrained(folder)
     retriever = Retriever.from_pretrained(folder, cache_dir=tmp_path_factory.mktemp("cache"))
     demo = app.build_demo(retriever, str(folder))
-    demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(prevent_thread_lock=True, max_file_size=app.MAX_FILE_SIZE)
-    yield url, retriever, demo
+    yield launch(demo), retriever, demo
     demo.close()
 
 
@@ -283,9 +281,9 @@ def test_the_scoring_radio_offers_what_the_model_computes(served, transformer_se
 
 # 6 and 9 in the browser: user text shown as text, the upload box emptied after adding.
 
-@pytest.fixture
-def page(served):
-    """A headless Debian Chromium page on the app; ``page.dialogs`` holds what it tried to alert."""
+def chromium_page(url: str):
+    """A headless Debian Chromium page on the app at ``url`` (a generator: the page, then closed);
+    ``page.dialogs`` holds what it tried to alert."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
@@ -295,9 +293,25 @@ def page(served):
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.dialogs = []
         page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
-        page.goto(served[0])
+        page.goto(url)
         yield page
         browser.close()
+
+
+@pytest.fixture
+def page(served):
+    yield from chromium_page(served[0])
+
+
+@pytest.fixture
+def served_gallery_page(gallery_served):
+    yield from chromium_page(gallery_served[0])
+
+
+def launch(demo) -> str:
+    """Queue and launch a demo in this process; its URL."""
+    demo.queue(default_concurrency_limit=2)
+    return demo.launch(prevent_thread_lock=True, max_file_size=app.MAX_FILE_SIZE)[1]
 
 
 def test_browser_shows_captions_and_file_names_as_text(page, tmp_path):
@@ -346,9 +360,7 @@ def gallery_served(checkpoint, tmp_path_factory):
     built = GalleryIndex.create(folder, retriever.model)
     index_images(built, retriever.extractor, photos, sorted(p.name for p in photos.iterdir()), thumbnail_size=256)
     demo = app.build_demo(retriever, str(checkpoint), served=GalleryIndex.open(folder, retriever.model))
-    demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(prevent_thread_lock=True, max_file_size=app.MAX_FILE_SIZE)
-    yield url, retriever, demo
+    yield launch(demo), retriever, demo
     demo.close()
 
 
@@ -369,28 +381,22 @@ def test_a_gallery_that_cannot_be_served_is_explained_in_the_search_tab(served):
     assert status.startswith(problem) and "sample" not in status
 
 
-def test_browser_searches_the_served_gallery_and_shows_the_selected_match(gallery_served):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(gallery_served[0])
-        page.get_by_role("tab", name="Search gallery").click()
-        page.get_by_text("The served gallery holds 3 images").wait_for(timeout=30_000)
-        page.get_by_role("textbox", name="Caption", exact=True).fill("a man kicking a soccer ball")
-        page.get_by_role("button", name="Search", exact=True).click()
-        page.get_by_text("Searched 3 images (3 served, 0 of yours).").wait_for(timeout=60_000)
-        caption = playwright.expect(page.locator("#hit-caption textarea"))
-        caption.to_have_value(re.compile(r"^1\. .+ \(-?\d\.\d{3}\); looked at "), timeout=30_000)
-        drawing = page.locator("#hit-drawing img")
-        first_src = drawing.get_attribute("src")
-        thumbnails = page.locator("#search-results .thumbnail-item")
-        playwright.expect(thumbnails).to_have_count(3, timeout=30_000)
-        thumbnails.nth(1).click()
-        caption.to_have_value(re.compile(r"^2\. "), timeout=30_000)
-        playwright.expect(drawing).not_to_have_attribute("src", first_src, timeout=30_000)
-        assert page.get_by_text("Traceback").count() == 0
-        browser.close()
+def test_browser_searches_the_served_gallery_and_shows_the_selected_match(served_gallery_page):
+    from playwright.sync_api import expect
+
+    page = served_gallery_page
+    page.get_by_role("tab", name="Search gallery").click()
+    page.get_by_text("The served gallery holds 3 images").wait_for(timeout=30_000)
+    page.get_by_role("textbox", name="Caption", exact=True).fill("a man kicking a soccer ball")
+    page.get_by_role("button", name="Search", exact=True).click()
+    page.get_by_text("Searched 3 images (3 served, 0 of yours).").wait_for(timeout=60_000)
+    caption = expect(page.locator("#hit-caption textarea"))
+    caption.to_have_value(re.compile(r"^1\. .+ \(-?\d\.\d{3}\); looked at "), timeout=30_000)
+    drawing = page.locator("#hit-drawing img")
+    first_src = drawing.get_attribute("src")
+    thumbnails = page.locator("#search-results .thumbnail-item")
+    expect(thumbnails).to_have_count(3, timeout=30_000)
+    thumbnails.nth(1).click()
+    caption.to_have_value(re.compile(r"^2\. "), timeout=30_000)
+    expect(drawing).not_to_have_attribute("src", first_src, timeout=30_000)
+    assert page.get_by_text("Traceback").count() == 0
