@@ -124,7 +124,8 @@ class GRUTextEncoder(nn.Module):
         load_word_vectors: fill the frozen table from the source now (False when weights are about
             to be loaded from a checkpoint, which carries the table).
         pack_padding: run the GRU on packed sequences so padding never enters it (the reference
-            runs it over padding).
+            runs it over padding). A batch without padding (every caption as long as the longest)
+            is not packed: packing would change nothing but the speed (about 1.3x slower on CPU).
         max_tokens: cut captions to this many tokens.
     """
 
@@ -171,7 +172,7 @@ class GRUTextEncoder(nn.Module):
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """``TokenBatch (n, t)`` -> ``(n, t, d)`` unit-norm token features (padding: zeros)."""
         embedded = torch.cat([self.frozen(batch.ids), self.trainable(batch.ids)], dim=-1)
-        if self.pack_padding:
+        if self.pack_padding and not bool(batch.mask.all()):
             lengths = batch.mask.sum(1).cpu()
             packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
             output, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True,

@@ -58,6 +58,27 @@ def test_gru_ignores_padding_unless_reference_mode():
     assert not torch.allclose(ref_alone[0], ref_padded[0, :3])  # backward GRU reads padding
 
 
+def test_gru_batch_without_padding_skips_packing_and_matches_the_packed_path():
+    """Equal-length captions run the GRU unpacked: the same outputs and gradients as packing them."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    encoder = AdaptModel(small_config()).train().text_encoder
+    batch = encoder.tokenize(["two dogs run", "a red bus", "the cat sits"])
+    assert bool(batch.mask.all())
+    fast = encoder(batch)
+    embedded = torch.cat([encoder.frozen(batch.ids), encoder.trainable(batch.ids)], dim=-1)
+    packed = pack_padded_sequence(embedded, batch.mask.sum(1), batch_first=True, enforce_sorted=False)
+    output, _ = pad_packed_sequence(encoder.rnn(packed)[0], batch_first=True)
+    slow = torch.nn.functional.normalize(output.view(3, 3, 2, -1).mean(dim=2), dim=-1)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(fast)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    fast_grads = torch.autograd.grad((fast * weights).sum(), params)
+    slow_grads = torch.autograd.grad((slow * weights).sum(), params)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_words_and_empty_captions():
     model = AdaptModel(small_config())
     batch = model.tokenize(["a zebra"])
