@@ -18,6 +18,17 @@ incremental adds), and at each size:
 
 This is done for the default ``"fovea-max"`` first stage and, as the baseline, for the model's own
 global vectors (``"mean"``), whose index stops growing at ``--baseline-max-size`` to save disk.
+Two more paths at the default K, with their latency and recall against the same ground truth:
+
+- ``app``: the app's own search action (``app.Demo.search`` serving the "fovea-max" index, as
+  ``python app.py --gallery`` does): search, then the drawings of the ``top_k`` results and of the
+  selected one (every synthetic image shows one shared placeholder thumbnail);
+- ``qdrant``: the same index with its first stage in an embedded Qdrant collection
+  (``adapt.search.qdrant``, local mode) instead of FAISS, up to ``--qdrant-max-size`` images
+  (local mode scans every point in Python: it is for tests and small galleries, a Qdrant server for
+  large ones).
+
+Every number here is measured on synthetic images; only the timings are real.
 
 Latent 256 and 36 regions in float16 are 18 KiB per image (18 GiB at 1M, plus 2 KiB of
 "fovea-max" vector in FAISS and 0.6 KiB of boxes); the script prints the sizes and refuses to start
@@ -43,8 +54,13 @@ import faiss
 import numpy as np
 import torch
 
+from PIL import Image
+
+import app
 from adapt import AdaptConfig, AdaptModel, build_vocab
 from adapt.gallery import SearchHit
+from adapt.pipeline import Retriever
+from adapt.regions import build_extractor
 from adapt.search import (
     ANN_MIN_ROWS,
     DEFAULT_CANDIDATES,
@@ -52,6 +68,8 @@ from adapt.search import (
     POOL_FACTOR,
     REFINE_FACTOR,
     GalleryIndex,
+    ImageDetails,
+    QdrantFirstStage,
 )
 from training.synthetic import ConceptImages, concept_images, concept_prototypes, train_briefly
 
@@ -59,6 +77,7 @@ LATENT, REGIONS, REGION_DIM = 256, 36, 64
 N_CONCEPTS, CONCEPTS_PER_IMAGE, NOISE = 200, 3, 0.5
 ADD_CHUNK = 50_000  # images generated and added per call: bounds RAM, not the gallery
 RESULTS = Path(__file__).resolve().parent / "results"
+PATH_COLOURS = {"app)": "C8", "qdrant)": "C9"}  # the app's search action, the Qdrant first stage
 
 
 def gallery_images(n: int, seed: int, protos: np.ndarray) -> ConceptImages:
@@ -89,14 +108,48 @@ def load_or_train(folder: Path, protos: np.ndarray, steps: int, batch: int) -> A
     return model
 
 
-def grow(index: GalleryIndex, size: int, protos: np.ndarray) -> float:
-    """Add generated images until the index holds ``size``; returns the seconds it took."""
+def grow(index: GalleryIndex, size: int, protos: np.ndarray, placeholder: ImageDetails | None = None) -> float:
+    """Add generated images until the index holds ``size``; returns the seconds it took.
+
+    ``placeholder``: the details of every image (for the app to draw a hit), or none.
+    """
     start = time.perf_counter()
     while len(index) < size:
         n = min(ADD_CHUNK, size - len(index))
         features = gallery_images(n, len(index), protos).features  # seeded by position: reproducible
-        index.add(features, None, [f"synthetic-{len(index) + i}" for i in range(n)])
+        boxes = None
+        if placeholder is not None:  # boxes somewhere in the placeholder, for the drawings
+            corners = np.random.default_rng(len(index)).uniform(0, 0.5, (n, REGIONS, 2)) * placeholder.image_size
+            boxes = np.concatenate([corners, corners + np.array(placeholder.image_size) / 2], axis=-1)
+        index.add(features, boxes, [f"synthetic-{len(index) + i}" for i in range(n)],
+                  None if placeholder is None else [placeholder] * n)
     return time.perf_counter() - start
+
+
+def placeholder_details(folder: Path) -> ImageDetails:
+    """One thumbnail file and unlabelled regions, shown for every synthetic image."""
+    path = folder / "placeholder.jpg"
+    Image.new("RGB", (384, 288), (90, 120, 150)).save(path)
+    return ImageDetails([""] * REGIONS, [0.0] * REGIONS, [False] * REGIONS, (384, 288), str(path))
+
+
+def app_demo(model: AdaptModel, index: GalleryIndex, folder: Path) -> app.Demo:
+    """The app's logic serving ``index`` (its extractor, which no synthetic image needs, is the default)."""
+    retriever = Retriever(model, extractor=build_extractor(), allow_extractor_mismatch=True)
+    return app.Demo(retriever, app.DrawingFiles(folder / "drawings", keep=100), served=index)
+
+
+def timed_app_searches(demo: app.Demo, captions: list[str], top_k: int = 10) -> tuple[list[list[SearchHit]], np.ndarray]:
+    """One call of the app's search action per caption: the hits it kept and milliseconds."""
+    state = demo.empty_state()
+    demo.search(captions[0], top_k, state)  # warm-up
+    results, ms = [], []
+    for caption in captions:
+        start = time.perf_counter()
+        state = demo.search(caption, top_k, state)[-1]
+        ms.append(1000 * (time.perf_counter() - start))
+        results.append(state["hits"])
+    return results, np.array(ms)
 
 
 def recall_at_10(found: list[list[SearchHit]], truth: list[list[SearchHit]]) -> float:
@@ -136,13 +189,17 @@ def timed_searches(
 
 def report(
     index: GalleryIndex, k: int, cold: bool, found: list[list[SearchHit]], ms: np.ndarray,
-    truth: list[list[SearchHit]],
+    truth: list[list[SearchHit]], path: str | None = None,
 ) -> dict:
-    """One result row (latency percentiles, recall@10 on the captions with ground truth), printed."""
-    row = {"size": len(index), "first_stage": index.first_stage, "candidates": k, "cold": cold,
+    """One result row (latency percentiles, recall@10 on the captions with ground truth), printed.
+
+    ``path``: ``"app"`` or ``"qdrant"`` for those paths (module docstring), else the index's own.
+    """
+    kind = index.first_stage if path is None else f"{index.first_stage} ({path})"
+    row = {"size": len(index), "first_stage": kind, "candidates": k, "cold": cold,
            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
            "recall": recall_at_10(found[: len(truth)], truth)}
-    print(f"  {index.first_stage}: K={k:>5}{' cold' if cold else '     '}: p50 {row['p50_ms']:7.1f} ms  "
+    print(f"  {kind}: K={k:>5}{' cold' if cold else '     '}: p50 {row['p50_ms']:7.1f} ms  "
           f"p95 {row['p95_ms']:7.1f} ms  recall@10 {row['recall']:.3f}", flush=True)
     return row
 
@@ -160,11 +217,12 @@ def plot(rows: list[dict], path: Path) -> None:
     for kind, k, cold in sorted({(r["first_stage"], r["candidates"], r["cold"]) for r in rows}):
         mine = sorted((r for r in rows if (r["first_stage"], r["candidates"], r["cold"]) == (kind, k, cold)),
                       key=lambda r: r["size"])
-        sizes, colour = [r["size"] for r in mine], "black" if cold else colours[k]
-        if kind != FIRST_STAGES[0]:
+        stage, _, route = kind.partition(" (")
+        sizes, colour = [r["size"] for r in mine], "black" if cold else PATH_COLOURS.get(route, colours[k])
+        if stage != FIRST_STAGES[0]:
             ax_recall.plot(sizes, [r["recall"] for r in mine], "o:", color=colour, label=f"{kind}, K={k}")
             continue
-        label = f"K={k}" + (", regions not in page cache" if cold else "")
+        label = f"K={k}" + (f", {route.rstrip(')')}" if route else "") + (", regions not in page cache" if cold else "")
         if not cold:
             ax_recall.plot(sizes, [r["recall"] for r in mine], "o-", color=colour, label=f"{kind}, K={k}")
         ax_latency.plot(sizes, [r["p50_ms"] for r in mine], "o-", color=colour, label=f"{label} p50")
@@ -197,6 +255,8 @@ def main() -> None:
                              "queries for large galleries (at least 10)")
     parser.add_argument("--baseline-max-size", type=int, default=100_000,
                         help="largest gallery for which the 'mean' first stage is measured too")
+    parser.add_argument("--qdrant-max-size", type=int, default=10_000,
+                        help="largest gallery measured with the embedded Qdrant first stage too")
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None,
@@ -229,14 +289,21 @@ def main() -> None:
     model = load_or_train(args.work / "model", protos, args.train_steps, args.train_batch)
     captions = gallery_images(args.queries, 123_456, protos).captions
     indexes: dict[str, GalleryIndex | None] = {}
-    for kind in FIRST_STAGES:
+    for kind in (*FIRST_STAGES, "qdrant"):
         shutil.rmtree(args.work / kind, ignore_errors=True)
+    for kind in FIRST_STAGES:
         indexes[kind] = GalleryIndex.create(args.work / kind, model, first_stage=kind)
+    qdrant = GalleryIndex.create(args.work / "qdrant", model,
+                                 qdrant=QdrantFirstStage.connect("collection", "search-scale", args.work / "qdrant"))
+    placeholder = placeholder_details(args.work)
     rows: list[dict] = []
     try:
         for size in sorted(args.sizes):
             kinds = [kind for kind in FIRST_STAGES if kind == FIRST_STAGES[0] or size <= args.baseline_max_size]
-            build_s = {kind: grow(indexes[kind], size, protos) for kind in kinds}
+            build_s = {kind: grow(indexes[kind], size, protos, placeholder if kind == FIRST_STAGES[0] else None)
+                       for kind in kinds}
+            if size <= args.qdrant_max_size:
+                build_s["qdrant"] = grow(qdrant, size, protos)
             # Search with freshly opened indexes, as a serving process would: pages the builder
             # mapped would stay in the page cache whatever the cold run evicts.
             indexes.update({kind: None for kind in kinds})
@@ -258,8 +325,14 @@ def main() -> None:
                 rows += [report(indexes[kind], k, False, *timed_searches(indexes[kind], captions, k), truth)
                          for k in args.candidates]
             rows.append(report(index, DEFAULT_CANDIDATES, True, *cold, truth))
+            rows.append(report(index, DEFAULT_CANDIDATES, False,
+                               *timed_app_searches(app_demo(model, index, args.work), captions), truth, path="app"))
+            if size <= args.qdrant_max_size:
+                rows.append(report(qdrant, DEFAULT_CANDIDATES, False,
+                                   *timed_searches(qdrant, captions, DEFAULT_CANDIDATES), truth, path="qdrant"))
             plot(rows, args.plot)
     finally:
+        qdrant.close()
         if args.keep:
             print(f"kept {args.work}")
         else:

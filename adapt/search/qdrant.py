@@ -84,6 +84,12 @@ class QdrantFirstStage:
                                         "to share it") from e
         return cls(client, collection, location)
 
+    @property
+    def serves_others(self) -> bool:
+        """Whether the collection is on a server, which other processes may use meanwhile (an
+        unknown client counts as one)."""
+        return self.location is None or self.location.startswith(SERVER_PREFIXES)
+
     def describe(self) -> dict[str, Any]:
         """What the manifest records to reconnect."""
         return {"kind": "qdrant", "location": self.location, "collection": self.collection}
@@ -104,7 +110,7 @@ class QdrantFirstStage:
                                     "collection name, or delete it first")
         self.client.create_collection(
             self.collection, vectors_config=models.VectorParams(size=vector_size, distance=models.Distance.DOT))
-        if (self.location or "").startswith(SERVER_PREFIXES):  # payload indexes only matter on a server
+        if self.serves_others and self.location is not None:  # payload indexes only matter on a server
             self.client.create_payload_index(self.collection, "row", models.PayloadSchemaType.INTEGER)
 
     def check(self, vector_size: int) -> None:
@@ -138,7 +144,11 @@ class QdrantFirstStage:
             ``scores (n_captions, k')`` and gallery ``rows (n_captions, k')``, best first (``-1``: no hit).
         """
         models = _client_module().models
-        valid = models.Filter(must=[models.FieldCondition(key="row", range=models.Range(lt=count))])
+        valid = None
+        # A server may hold points a builder is adding now; an embedded collection (one process)
+        # only those of an add that died, which cost the filter, slow there, only until overwritten.
+        if self.serves_others or self.client.count(self.collection).count > count:
+            valid = models.Filter(must=[models.FieldCondition(key="row", range=models.Range(lt=count))])
         limit = min(count, pool_size(kind, k))
         answers = self.client.query_batch_points(self.collection, requests=[
             models.QueryRequest(query=vector.tolist(), limit=limit, filter=valid, with_vector=True)

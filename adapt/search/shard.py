@@ -78,8 +78,9 @@ class ImageDetails:
                    source)
 
     def regions(self, boxes: np.ndarray) -> Regions:
-        """The hit's :class:`Regions` with these ``boxes`` and no features (``(k, 0)``)."""
-        return Regions(boxes=boxes, features=np.zeros((len(boxes), 0), np.float32), labels=list(self.labels),
+        """The hit's :class:`Regions` with these ``boxes`` (NaN ones, never given, become
+        zero-size) and no features (``(k, 0)``)."""
+        return Regions(boxes=np.nan_to_num(boxes), features=np.zeros((len(boxes), 0), np.float32), labels=list(self.labels),
                        scores=np.asarray(self.scores, np.float32), is_fill=np.asarray(self.is_fill, bool),
                        image_size=tuple(self.image_size))
 
