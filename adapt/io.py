@@ -1,4 +1,5 @@
-"""Replacing a file all at once: readers, and a machine that loses power, see the old file or the new."""
+"""Replacing a file all at once (readers, and a machine that loses power, see the old file or the
+new), and resizing a ``.npy`` array in place."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import os
 import secrets
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
+from numpy.lib import format as npy_format
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -40,3 +44,29 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def resize_npy(path: str | Path, rows: int) -> None:
+    """Give the ``.npy`` array at ``path`` ``rows`` rows in place: its header is rewritten and the
+    file cut or extended (new rows read as zeros and take no disk until written: a sparse file).
+
+    Raises:
+        ValueError: the header cannot be rewritten in place (numpy pads it for this; a file of
+            another writer may not be).
+    """
+    with open(path, "r+b") as f:
+        version = npy_format.read_magic(f)
+        read_header, write_header = ((npy_format.read_array_header_1_0, npy_format.write_array_header_1_0)
+                                     if version == (1, 0) else
+                                     (npy_format.read_array_header_2_0, npy_format.write_array_header_2_0))
+        shape, fortran_order, dtype = read_header(f)
+        header_size = f.tell()
+        if shape[0] == rows:
+            return
+        f.seek(0)
+        # numpy pads headers so the first axis can shrink or grow in place; check it did.
+        write_header(f, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": fortran_order,
+                         "shape": (rows, *shape[1:])})
+        if f.tell() != header_size:
+            raise ValueError(f"{path}: cannot rewrite the array header in place")
+        f.truncate(header_size + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)

@@ -84,6 +84,7 @@ def test_the_cli_resumes_after_a_kill_with_nothing_lost_or_twice(built, photos):
     ids = [key for shard in opened.shards for key in shard.ids]
     assert sorted(ids) == sorted(p.name for p in PHOTOS), "every photo once"
     assert len(list((index / build.THUMBNAILS).glob("*.jpg"))) == len(PHOTOS)
+    assert np.load(index / "shard-00000" / "regions.npy", mmap_mode="r").shape[0] == len(PHOTOS), "trimmed"
     assert (index / build.SKIPPED).read_text().startswith("broken.jpg\tbroken.jpg: ")
     assert "skipping broken.jpg: broken.jpg: " in stderr
     assert "img/s" in stderr and f"{len(PHOTOS)} images (" in stderr

@@ -374,3 +374,22 @@ def test_ids_already_in_the_index_are_refused(tmp_path, model, data):
     assert ids[0] in index and ids[5] not in index
     with pytest.raises(ValueError, match="must be new and distinct; repeated: \\['img-4'\\]"):
         index.add(images[4:6], None, ids[4:6])
+
+
+def test_trim_cuts_the_files_to_the_images_and_a_later_add_extends_them(tmp_path, model, data):
+    images, boxes, ids = data
+    index = GalleryIndex.create(tmp_path, model, shard_size=64)
+    index.add(images[:40], boxes[:40], ids[:40])
+    regions_file = tmp_path / "shard-00000" / "regions.npy"
+    full = regions_file.stat().st_size
+    index.trim()
+    assert np.load(regions_file, mmap_mode="r").shape[0] == 40 and regions_file.stat().st_size < full * 40 / 64 + 1024
+    truth = [keys(r) for r in index.search_exhaustive(queries(5))]
+    index = GalleryIndex.open(tmp_path, model)
+    assert [keys(r) for r in index.search(queries(5), candidates=40)] == truth
+    index.add(images[40:100], boxes[40:100], ids[40:100])
+    assert [s.count for s in index.shards] == [64, 36]
+    index.trim()
+    index = GalleryIndex.open(tmp_path, model)
+    assert [i for s in index.shards for i in s.ids] == ids[:100]
+    np.testing.assert_array_equal(np.concatenate([s.boxes for s in index.shards]), boxes[:100])

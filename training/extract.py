@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 from numpy.lib import format as npy_format  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from adapt.io import atomic_write  # noqa: E402
+from adapt.io import atomic_write, resize_npy  # noqa: E402
 from adapt.regions import (  # noqa: E402
     BACKENDS,
     DEFAULT_EXTRACTOR,
@@ -248,7 +248,7 @@ def extract_split(
             _run_batches(records, images_dir, extractor, batch_size, captions_per_image, state, files, arrays,
                          progress_path, split, show_progress)
         for path in arrays.values():
-            _shrink_npy(path, state["rows"])
+            resize_npy(path, state["rows"])
         state["complete"] = True
         _write_json_atomically(progress_path, state)
     skipped = len(files["skipped"].read_text(encoding="utf-8").splitlines())
@@ -324,26 +324,6 @@ def _run_batches(
         bar.close()
         for handle in handles.values():
             handle.close()
-
-
-def _shrink_npy(path: Path, rows: int) -> None:
-    """Cut a preallocated ``.npy`` array to its first ``rows`` rows in place (header + truncate)."""
-    with open(path, "r+b") as f:
-        version = npy_format.read_magic(f)
-        read_header, write_header = ((npy_format.read_array_header_1_0, npy_format.write_array_header_1_0)
-                                     if version == (1, 0) else
-                                     (npy_format.read_array_header_2_0, npy_format.write_array_header_2_0))
-        shape, fortran_order, dtype = read_header(f)
-        header_size = f.tell()
-        if shape[0] == rows:
-            return
-        f.seek(0)
-        # numpy pads headers so the first axis can shrink or grow in place; check it did.
-        write_header(f, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": fortran_order,
-                         "shape": (rows, *shape[1:])})
-        if f.tell() != header_size:
-            raise ExtractError(f"{path}: cannot rewrite the array header in place")
-        f.truncate(header_size + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
 def _fingerprint(records: Sequence[ImageRecord], identity: dict[str, Any], captions_per_image: int) -> str:

@@ -25,7 +25,8 @@ an index folder is self-contained: copy it into a Space and serve it.
 Resuming and growing: images are added ``--commit-every`` at a time, each add committed
 atomically (:meth:`GalleryIndex.add`), so rerunning the same command after a crash or Ctrl-C skips
 the images the index holds and adds the rest: nothing is lost or added twice. Rerunning it on a
-folder with new images adds the new ones. Unreadable files are reported, listed in
+folder with new images adds the new ones. At the end the shards' files are cut to the images they
+hold (:meth:`GalleryIndex.trim`), so the folder is as large as its content. Unreadable files are reported, listed in
 ``INDEX/skipped.txt`` and skipped (and tried again by the next run).
 
 ``--qdrant LOCATION`` (a new index only): its first stage is a Qdrant collection instead of FAISS
@@ -173,8 +174,9 @@ class Builder:
         self.pending.commit(self.index)
 
     def finish(self) -> None:
-        """Commit the rest, write ``skipped.txt`` and print a summary."""
+        """Commit the rest, cut the index's files to its images, write ``skipped.txt`` and print a summary."""
         self.commit()
+        self.index.trim()
         self.bar.close()
         (self.index.folder / SKIPPED).write_text("".join(f"{k}\t{r}\n" for k, r in self.skipped), encoding="utf-8")
         print(f"{self.index.folder}: {len(self.index)} images ({self.added} added now), {len(self.skipped)} skipped"

@@ -324,6 +324,12 @@ class GalleryIndex:
         write_json(self.folder / MANIFEST_NAME, self._manifest)
         self._keys.update(map(str, ids))
 
+    def trim(self) -> None:
+        """Cut every shard's preallocated arrays to the images they hold, before copying the index
+        (to a Space, say): a copy carries a sparse file's holes in full. A later add extends them."""
+        for shard in self.shards:
+            shard.trim()
+
     def _check_add(self, features: Any, boxes: Any, ids: Sequence[str], details: Sequence | None) -> None:
         n = len(features)
         shape = tuple(features.shape)

@@ -13,7 +13,9 @@ An index is a folder::
     shard-00001/ ...
 
 The arrays are preallocated to ``shard_size`` rows when a shard is opened (sparse on disk until
-written) and only the first ``count`` rows, as recorded in the manifest, are valid. ``add`` writes
+written) and only the first ``count`` rows, as recorded in the manifest, are valid; :meth:`Shard.trim`
+cuts them to those rows (for copying the index: a copy carries the holes in full) and the next
+append extends them again. ``add`` writes
 into the last shard and starts a new one when it is full; full shards are never written again, so
 adding images never rebuilds the existing index. The manifest is replaced last and atomically, so
 an interrupted ``add`` leaves the index as it was before it (a FAISS file that ran ahead of the
@@ -32,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from adapt.io import atomic_write
+from adapt.io import atomic_write, resize_npy
 from adapt.model import AdaptModel
 from adapt.regions import FILL_LABEL, Regions
 from adapt.search.first_stage import FirstStage, ann_queries, build_ann, extend_ann, pool_size, rescore
@@ -125,7 +127,7 @@ class Shard:
         self._details = lines
         self._details_bytes = sum(len(line) for line in lines)
         if (len(self.ids) != count or len(lines) != count or (self.ann is not None and self.ann.ntotal < count)
-                or any(len(a) != capacity for a in self._files.values())):
+                or any(not count <= len(a) <= capacity for a in self._files.values())):
             raise GalleryIndexError(f"shard {folder} does not match the manifest ({count} rows of "
                                     f"{capacity}); the index is damaged: rebuild it")
         if self.ann is not None and self.ann.ntotal > count:  # an add died after the FAISS file was replaced
@@ -175,6 +177,8 @@ class Shard:
         The arrays and details are written in place; the FAISS index and ids are saved by :meth:`save`.
         """
         start, stop = self.count, self.count + len(ids)
+        if any(len(a) < stop for a in self._files.values()):
+            self._resize(self.capacity)
         for name, values in (("regions", regions.astype(np.float16)), ("boxes", boxes)):
             out = np.load(self.folder / f"{name}.npy", mmap_mode="r+")
             out[start:stop] = values
@@ -192,6 +196,16 @@ class Shard:
         self.count = stop
         if self.ann is not None:
             self.ann = extend_ann(self.ann, vectors)
+
+    def trim(self) -> None:
+        """Cut the arrays' files to the valid rows."""
+        self._resize(self.count)
+
+    def _resize(self, rows: int) -> None:
+        self._files = {}  # no memory map may outlive the file it maps
+        for name in ("regions", "boxes"):
+            resize_npy(self.folder / f"{name}.npy", rows)
+        self._files = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in ("regions", "boxes")}
 
     def save(self) -> None:
         """Persist the ids and the FAISS index (the arrays and details are already on disk)."""
