@@ -6,8 +6,9 @@
     python app.py --gallery INDEX                  # also search a gallery built by training.index
     ADAPT_GALLERY=INDEX python app.py              # the same, e.g. in a Space's settings
 
-The UI only wires Gradio components to :mod:`adapt.pipeline`; every input is checked here and
-refused with a message in the page, never a traceback.
+The UI only wires Gradio components to :mod:`adapt.pipeline` and the galleries of
+:mod:`adapt.gallery`; every input is checked here and refused with a message in the page, never a
+traceback.
 """
 
 from __future__ import annotations
