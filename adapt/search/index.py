@@ -8,6 +8,11 @@ statistics, so a pair's score does not depend on which other images are scored w
 re-ranking gives exactly the scores of exhaustive search, and with K = gallery size the same
 ranking.
 
+Results are those of every gallery (:mod:`adapt.gallery`): per caption, its ``top_k``
+:class:`~adapt.gallery.SearchHit`, each with its boxes, the labels and thumbnail stored with it
+(:class:`~adapt.search.shard.ImageDetails`) and the fovea's weights over its regions (one attention
+pass over the ``top_k`` hits alone).
+
 Sharding and the merge at query time: each shard is self-contained (its arrays and its own FAISS
 index, :mod:`adapt.search.shard`), so shards can be served by different processes or machines,
 and a gallery larger than one machine's RAM is spread over them. For each caption:
