@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from adapt import AdaptConfig, AdaptModel, CheckpointError, ConfigError, HingeLoss, build_vocab, tokenize
 from adapt.encoders import WORD_VECTOR_SOURCES, TransformerTextEncoder
+from training.synthetic import concept_images, concept_prototypes
 
 CAPTIONS = ["A cat sits on the mat.", "two dogs run", "a red bus, parked near a tree", "dogs"]
 
@@ -221,24 +221,16 @@ def test_transformer_encoder_runs_offline_and_is_saved_without_its_frozen_backbo
                                model.score(regions(), CAPTIONS).scores)
 
 
-def concept_data(n_images, n_concepts=12, dim=32, n_regions=8, seed=0):
-    """Images whose regions are noisy prototypes of 3 concepts; captions name the concepts."""
-    rng = np.random.default_rng(seed)
-    prototypes = np.random.default_rng(99).normal(size=(n_concepts, dim))
-    feats = rng.normal(scale=0.5, size=(n_images, n_regions, dim))
-    captions = []
-    for i in range(n_images):
-        concepts = rng.choice(n_concepts, size=3, replace=False)
-        slots = rng.choice(n_regions, size=3, replace=False)
-        feats[i, slots] += prototypes[concepts]
-        captions.append(" ".join(f"thing{c}" for c in concepts))
-    return torch.tensor(feats, dtype=torch.float32), captions
+def concept_data(n_images: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Images whose regions are noisy prototypes of 3 of 12 concepts; captions name the concepts."""
+    images = concept_images(n_images, concept_prototypes(12, 32), n_regions=8, seed=seed)
+    return torch.from_numpy(images.features), images.captions
 
 
 @pytest.mark.parametrize("similarity", ["t2i", "i2t", "mean"])
 def test_tiny_training_run_lifts_recall_far_above_chance(similarity):
     torch.manual_seed(0)
-    train_x, train_caps = concept_data(512)
+    train_x, train_caps = concept_data(512, seed=0)
     test_x, test_caps = concept_data(100, seed=1)
     config = AdaptConfig(region_dim=32, latent_size=64, similarity=similarity,
                          word_vectors="random", word_dim=32, vocab=build_vocab(train_caps))
