@@ -66,7 +66,7 @@ def write_random_bottom_up_weights(path: Path) -> Path:
     """Random weights in the published bottom-up-attention layout (the real ones cost the same)."""
     import torch
 
-    from adapt.regions.bottom_up import BottomUpAttentionNet
+    from adapt.regions.bottom_up_net import BottomUpAttentionNet
 
     torch.save(BottomUpAttentionNet().state_dict(), path)
     return path

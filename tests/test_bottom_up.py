@@ -30,13 +30,8 @@ from adapt.regions import (
     build_extractor,
     check_extractor,
 )
-from adapt.regions.bottom_up import (
-    PUBLISHED_FILE,
-    PUBLISHED_REPO,
-    BottomUpAttentionNet,
-    per_class_confidence,
-    select_regions,
-)
+from adapt.regions.bottom_up import per_class_confidence, select_regions
+from adapt.regions.bottom_up_net import PUBLISHED_FILE, PUBLISHED_REPO, BottomUpAttentionNet
 from training import push
 from training.config import load_config
 from training.data import DatasetError, load_split, resolve_extractor

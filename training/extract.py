@@ -76,7 +76,7 @@ from adapt.regions import (  # noqa: E402
     identity_differences,
     load_image,
 )
-from adapt.regions.bottom_up import PUBLISHED_FILE, PUBLISHED_REPO  # noqa: E402
+from adapt.regions.bottom_up_net import PUBLISHED_FILE, PUBLISHED_REPO  # noqa: E402
 from training.data import CAPTIONS_PER_IMAGE, EXTRACTOR_FILE  # noqa: E402
 
 # Backends whose weights --weights / --weights-repo point at, and the file a Hub repo holds by default.
