@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import concept_data
 
 from adapt import AdaptConfig, AdaptModel, CheckpointError, ConfigError, HingeLoss, build_vocab, tokenize
 from adapt.encoders import WORD_VECTOR_SOURCES, TransformerTextEncoder
-from training.synthetic import concept_images, concept_prototypes
 
 CAPTIONS = ["A cat sits on the mat.", "two dogs run", "a red bus, parked near a tree", "dogs"]
 
@@ -219,12 +219,6 @@ def test_transformer_encoder_runs_offline_and_is_saved_without_its_frozen_backbo
     loaded = AdaptModel.from_pretrained(tmp_path)
     torch.testing.assert_close(loaded.score(regions(), CAPTIONS).scores,
                                model.score(regions(), CAPTIONS).scores)
-
-
-def concept_data(n_images: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """Images whose regions are noisy prototypes of 3 of 12 concepts; captions name the concepts."""
-    images = concept_images(n_images, concept_prototypes(12, 32), n_regions=8, seed=seed)
-    return torch.from_numpy(images.features), images.captions
 
 
 @pytest.mark.parametrize("similarity", ["t2i", "i2t", "mean"])

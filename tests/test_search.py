@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from test_model import concept_data
+from conftest import concept_data
 
 from adapt import AdaptConfig, AdaptModel, HingeLoss, build_vocab
 from adapt import search
