@@ -229,6 +229,8 @@ class Demo:
         self.max_pixels = min(MAX_PIXELS, retriever.extractor.max_pixels)
         self.choices = [name for name, dirs in SCORING.items()
                         if set(dirs) <= set(retriever.directions)]
+        self.own_choice = next(name for name, dirs in SCORING.items()
+                               if set(dirs) == set(retriever.model.config.directions))
         self.start_state = self.empty_state()
         if served is None:
             for problem in self._add_files(self.start_state, [str(p) for p in EXAMPLES]):
@@ -444,7 +446,7 @@ def build_demo(retriever: Retriever, checkpoint: str,
                     gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image], label="Example photos",
                                 api_visibility="private")
                     captions = gr.Textbox(EXAMPLE_CAPTIONS, lines=8, max_lines=30, label="Captions, one per line")
-                    scoring = gr.Radio(demo_logic.choices, value=demo_logic.choices[-1], label="Scoring",
+                    scoring = gr.Radio(demo_logic.choices, value=demo_logic.own_choice, label="Scoring",
                                        visible=len(demo_logic.choices) > 1)
                     show_boxes = gr.Checkbox(False, label="Outline every detected region on the image")
                     rank_button = gr.Button("Rank captions", variant="primary")

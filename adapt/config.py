@@ -48,8 +48,9 @@ class AdaptConfig:
         region_encoder: ``"linear"`` (the reference's Linear + LeakyReLU + l2norm) or ``"concepts"``
             (the same plus each region's ConSE vector: named concepts of the backbone's ImageNet
             head and the detector, see :mod:`adapt.concepts`; needs the transformer text encoder).
-        concepts: for ``region_encoder="concepts"``: the classifier's class names, the detector's
-            label names, the backbone size and ``top_k`` (see :func:`adapt.concepts.default_concepts`).
+        concepts: for ``region_encoder="concepts"``: the classifier's class names (and optionally
+            the ``descriptions`` embedded for them), the detector's label names, the backbone size
+            and ``top_k`` (see :func:`adapt.concepts.default_concepts`).
         text_encoder: ``"gru"`` (word vectors + BiGRU, the paper's) or ``"transformer"``.
         vocab: the GRU encoder's vocabulary (index 0 is padding, 1 unknown); built by training.
         word_vectors: name of the frozen pretrained word-vector source for the GRU encoder

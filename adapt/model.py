@@ -117,7 +117,8 @@ class AdaptModel(
         Args:
             region_features: ``(n_images, n_regions, region_dim)``.
             captions: a list of strings or a tokenised :class:`TokenBatch`.
-            directions: ``("t2i",)``, ``("i2t",)`` or both (default: the model's kind).
+            directions: ``("t2i",)``, ``("i2t",)``, both, or ``("mean",)`` (the baseline without
+                ADAPT on the same encoders); default: the model's kind.
             return_attention: also return fovea weights over regions (T2I) / words (I2T).
             memory_budget_mb: bound on the pair tensors alive at once.
 

@@ -171,7 +171,9 @@ class Retriever:
 
     @property
     def directions(self) -> tuple[str, ...]:
-        return self.model.config.directions
+        """The heads this model can score with: its own kind, then the baseline without ADAPT."""
+        own = self.model.config.directions
+        return own if "mean" in own else (*own, "mean")
 
     def regions(self, image: ImageSource | Image.Image) -> tuple[str, Regions]:
         """Content key and regions of an image, from the cache when possible.

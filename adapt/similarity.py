@@ -335,9 +335,12 @@ class MeanPooled(nn.Module):
 class AdaptiveSimilarity(nn.Module):
     """The similarity head of a model: T2I, I2T, or the ensemble (mean of both score matrices).
 
+    The baseline without ADAPT (``"mean"``: cosine of the mean-pooled encoded regions and words) has
+    no parameters, so every model can also score with it: the same encoders without the adaptation.
+
     Args:
-        directions: ``("t2i",)``, ``("i2t",)``, ``("t2i", "i2t")``, or ``("mean",)`` for the
-            baseline without ADAPT.
+        directions: the model's own kind: ``("t2i",)``, ``("i2t",)``, ``("t2i", "i2t")``, or
+            ``("mean",)`` for a model trained as the baseline.
     """
 
     def __init__(
@@ -356,8 +359,7 @@ class AdaptiveSimilarity(nn.Module):
             heads["t2i"] = TextToImage(latent_size, lambda_t2i, normalization)
         if "i2t" in self.directions:
             heads["i2t"] = ImageToText(latent_size, lambda_i2t, normalization, reference_padding)
-        if "mean" in self.directions:
-            heads["mean"] = MeanPooled()
+        heads["mean"] = MeanPooled()
         self.heads = nn.ModuleDict(heads)
 
     def forward(
@@ -376,15 +378,15 @@ class AdaptiveSimilarity(nn.Module):
             regions: ``(n_images, n_regions, d)`` encoded regions.
             words: ``(n_captions, n_tokens, d)`` encoded words.
             word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
-            directions: a subset of the model's directions to use (default: all, i.e. the
-                model's own kind); several are averaged.
+            directions: the heads to use (default: the model's own kind), its own and
+                ``"mean"``; several are averaged.
             return_attention: also return the fovea weights (see the module docstring).
             memory_budget_mb: bound on the pair tensors alive at once, per direction.
         """
         directions = self.directions if directions is None else tuple(directions)
         missing = [d for d in directions if d not in self.heads]
         if missing or not directions:
-            raise ValueError(f"directions {directions} not available; model has {self.directions}")
+            raise ValueError(f"directions {directions} not available; model has {tuple(self.heads)}")
         out = Scores(scores=regions.new_zeros(len(regions), len(words)))
         for name in directions:
             scores, attention = self.heads[name](

@@ -268,15 +268,17 @@ def scoring_radio(demo) -> dict:
 
 
 def test_the_scoring_radio_offers_what_the_model_computes(served, transformer_served):
-    directions = set(served[1].model.config.directions)
-    offered = [name for name, _ in scoring_radio(served[2])["choices"]]
-    assert offered == [name for name, dirs in app.SCORING.items() if set(dirs) <= directions]
-    assert scoring_radio(served[2])["visible"] is not False and len(offered) > 1
-    one = scoring_radio(transformer_served[2])
-    assert len(one["choices"]) == 1 and one["visible"] is False
-    table = rank(Client(transformer_served[0], verbose=False), handle_file(CAT), "a cat\na dog",
-                 scoring=one["choices"][0][0])[0]
-    assert len(table["data"]) == 2
+    # An ensemble offers T2I, I2T, the ensemble and the baseline, and starts on its own kind.
+    radio = scoring_radio(served[2])
+    assert [name for name, _ in radio["choices"]] == list(app.SCORING)
+    assert radio["visible"] is not False and app.SCORING[radio["value"]] == ("t2i", "i2t")
+    # A T2I model offers its own head and the baseline on the same encoders; each one ranks.
+    two = scoring_radio(transformer_served[2])
+    assert [app.SCORING[name] for name, _ in two["choices"]] == [("t2i",), ("mean",)]
+    assert app.SCORING[two["value"]] == ("t2i",)
+    for name, _ in two["choices"]:
+        table = rank(Client(transformer_served[0], verbose=False), handle_file(CAT), "a cat\na dog", scoring=name)[0]
+        assert len(table["data"]) == 2
 
 
 # 6 and 9 in the browser: user text shown as text, the upload box emptied after adding.

@@ -32,6 +32,12 @@ def features(n_images=2, n_regions=4, seed=0):
 def test_the_default_concepts_name_every_imagenet_class_and_coco_slot():
     concepts = default_concepts()
     assert len(concepts["classes"]) == 1000 and concepts["classes"][281] == "tabby"
+    # Each class's WordNet description, in the classifier's order (timm's list against torchvision's).
+    assert len(concepts["descriptions"]) == 1000
+    assert concepts["descriptions"][281] == "tabby, tabby cat: a cat with a grey or tawny coat mottled with black"
+    for name, description in zip(concepts["classes"], concepts["descriptions"]):
+        first_lemma = description.split(":")[0].split(",")[0]
+        assert name.lower()[:3] == first_lemma.lower()[:3], (name, description)
     assert len(concepts["labels"]) == LABEL_DIM and concepts["labels"][0] == "person"
 
 
@@ -49,7 +55,8 @@ def test_concept_vectors_weight_the_top_k_class_names_and_the_detector_labels(mo
 
 def test_a_fresh_model_starts_from_the_names_embedded_by_its_own_text_encoder(model):
     encoder = model.region_encoder
-    torch.testing.assert_close(encoder.class_names[281], embed_names(model.text_encoder, ["tabby"])[0])
+    description = model.config.concepts["descriptions"][281]
+    torch.testing.assert_close(encoder.class_names[281], embed_names(model.text_encoder, [description])[0])
     torch.testing.assert_close(encoder.label_names[0], embed_names(model.text_encoder, ["person"])[0])
     # [I; -I] on both sides, and no raw-feature term: the region's latent is its concept vector, signed.
     assert torch.count_nonzero(encoder.fc.weight) == 0
@@ -60,6 +67,14 @@ def test_a_fresh_model_starts_from_the_names_embedded_by_its_own_text_encoder(mo
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert not trainable & {"region_encoder.classifier.weight", "region_encoder.class_names",
                             "region_encoder.label_names"}
+
+
+def test_a_concepts_table_without_descriptions_embeds_the_class_names(model):
+    concepts = {k: v for k, v in default_concepts(top_k=3).items() if k != "descriptions"}
+    config = AdaptConfig(region_dim=REGION_DIM, latent_size=768, text_encoder="transformer",
+                         region_encoder="concepts", concepts=concepts)
+    encoder = AdaptModel(config).region_encoder
+    torch.testing.assert_close(encoder.class_names[281], embed_names(model.text_encoder, ["tabby"])[0])
 
 
 def test_a_caption_naming_a_regions_concept_scores_higher_at_the_start(model):
