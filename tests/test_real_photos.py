@@ -9,7 +9,9 @@ import torch
 from torchvision.ops import box_iou
 
 from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
-from training.real_photos import conse_reference_scores, installed, read_set, real_photo_metrics
+from training.real_photos import (
+    conse_reference_scores, installed, misses, read_set, real_photo_scores, split_metrics,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")  # Debian's opencv-doc (.ci/run installs it)
@@ -35,12 +37,17 @@ def test_real_photos_rank_their_caption_and_photo_first(retriever):
     photos, missing = installed(read_set())
     if missing:
         pytest.skip("sources not installed: " + ", ".join(missing) + " (.ci/run installs them)")
-    metrics = real_photo_metrics(retriever, photos)
+    scores = real_photo_scores(retriever, photos)
+    metrics = split_metrics(scores, photos)
     for part, m in metrics.items():
         print(f"{part:8s} {int(m['n'])} photos: image->text R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f}, "
               f"text->image R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f}")
     for key, floor in REGRESSION_GUARD.items():
         assert metrics["all"][key] >= floor, (key, metrics["all"][key])
+    # The misses list names exactly the photos that the whole set's R@1 counts as wrong.
+    listed = "\n".join(misses(scores, photos))
+    assert listed.count("first caption:") == round(len(photos) * (1 - metrics["all"]["i2t_r1"] / 100))
+    assert listed.count("first photo:") == round(len(photos) * (1 - metrics["all"]["t2i_r1"] / 100))
 
 
 def test_the_apps_examples_rank_their_own_caption_first_for_four_of_five(retriever):

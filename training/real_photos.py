@@ -8,10 +8,12 @@ of a video). Its ``select`` half may be used to choose models; its ``holdout`` h
 
 Usage::
 
-    python -m training.real_photos [--checkpoint checkpoints/default] [--directions t2i i2t]
+    python -m training.real_photos [--checkpoint checkpoints/default] [--directions t2i i2t] [--misses]
 
-prints R@1 / R@5 both ways (``--conse``: of the zero-shot ConSE reference, no model) (image->text: each photo ranks all the set's captions; text->image: each
-caption ranks all its photos) for each half and for the whole set.
+prints R@1 / R@5 both ways for each half and for the whole set (image->text: each photo ranks all
+the set's captions; text->image: each caption ranks all its photos). ``--conse`` scores the
+zero-shot ConSE reference instead of a model; ``--misses`` also lists each photo whose caption or
+photo is not ranked first, with what was ranked first instead.
 """
 
 from __future__ import annotations
@@ -117,34 +119,38 @@ def installed(photos: Sequence[RealPhoto]) -> tuple[list[RealPhoto], list[str]]:
     return present, [f"{s} ({INSTALL_HINTS[s]})" for s in missing]
 
 
-def real_photo_metrics(
+def real_photo_scores(
     retriever: Retriever,
     photos: Sequence[RealPhoto],
     directions: tuple[str, ...] | None = None,
     regions: Sequence[Regions] | None = None,
-) -> dict[str, dict[str, float]]:
-    """R@1/5/10 both ways for each half of ``photos`` and for all of them.
+) -> torch.Tensor:
+    """The ``(n_photos, n_photos)`` photo x caption scores of a model on ``photos``.
 
     Args:
         retriever: the model with its region extractor.
         photos: the photos (installed ones; see :func:`installed`).
         directions: the model's scoring directions to use (default: its own kind).
         regions: precomputed regions of ``photos`` (default: extracted now).
+    """
+    if regions is None:
+        regions = [retriever.regions(p.load())[1] for p in photos]
+    features = torch.from_numpy(np.stack([r.features for r in regions]))
+    return retriever.model.score(features, [p.caption for p in photos], directions=directions).scores.cpu()
+
+
+def split_metrics(scores: torch.Tensor, photos: Sequence[RealPhoto]) -> dict[str, dict[str, float]]:
+    """R@1/5/10 both ways for each half of ``photos`` and for all of them.
+
+    Args:
+        scores: ``(n_photos, n_photos)`` photo x caption scores (:func:`real_photo_scores`).
+        photos: the photos, in the order of the rows and columns.
 
     Returns:
         ``{"select": metrics, "holdout": metrics, "all": metrics}`` with
         :func:`training.metrics.retrieval_metrics` keys (one caption per photo), and each part's
         photo count under ``"n"``.
     """
-    if regions is None:
-        regions = [retriever.regions(p.load())[1] for p in photos]
-    features = torch.from_numpy(np.stack([r.features for r in regions]))
-    scores = retriever.model.score(features, [p.caption for p in photos], directions=directions).scores
-    return split_metrics(scores.cpu(), photos)
-
-
-def split_metrics(scores: torch.Tensor, photos: Sequence[RealPhoto]) -> dict[str, dict[str, float]]:
-    """:func:`real_photo_metrics` of a ``(n_photos, n_photos)`` photo x caption score matrix."""
     out = {}
     for part in (*SPLITS, "all"):
         index = [i for i, p in enumerate(photos) if part in ("all", p.split)]
@@ -177,12 +183,35 @@ def conse_reference_scores(photos: Sequence[RealPhoto], top_k: int = 10) -> torc
 
 
 def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
-    """A small plain-text table of :func:`real_photo_metrics` output."""
+    """A small plain-text table of :func:`split_metrics` output."""
     lines = ["part       photos  image->text R@1  R@5    text->image R@1  R@5"]
     for part, m in metrics.items():
         lines.append(f"{part:10s} {int(m['n']):6d}  {m['i2t_r1']:15.1f}  {m['i2t_r5']:5.1f}  "
                      f"{m['t2i_r1']:15.1f}  {m['t2i_r5']:5.1f}")
     return "\n".join(lines)
+
+
+def misses(scores: torch.Tensor, photos: Sequence[RealPhoto]) -> list[str]:
+    """One line per photo not ranked first on the whole set, either way, with what won instead.
+
+    Args:
+        scores: ``(n_photos, n_photos)`` photo x caption scores (:func:`real_photo_scores`).
+        photos: the photos, in the order of the rows and columns.
+    """
+    true = scores.diagonal()
+    caption_ranks = (scores > true[:, None]).sum(1) + 1  # of each photo's caption, among all captions
+    photo_ranks = (scores > true[None, :]).sum(0) + 1  # of each caption's photo, among all photos
+    lines = []
+    for i, photo in enumerate(photos):
+        if caption_ranks[i] == 1 and photo_ranks[i] == 1:
+            continue
+        lines.append(f"{photo.split} {photo.name}: \"{photo.caption}\" caption rank {int(caption_ranks[i])}, "
+                     f"photo rank {int(photo_ranks[i])}")
+        if caption_ranks[i] > 1:
+            lines.append(f"    first caption: \"{photos[int(scores[i].argmax())].caption}\"")
+        if photo_ranks[i] > 1:
+            lines.append(f"    first photo: {photos[int(scores[:, i].argmax())].name}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="scoring directions (default: the model's own)")
     parser.add_argument("--conse", action="store_true",
                         help="score the zero-shot ConSE reference instead of a model (no training)")
+    parser.add_argument("--misses", action="store_true",
+                        help="also list each photo whose caption or photo is not ranked first")
     args = parser.parse_args(argv)
     photos, missing = installed(read_set(args.set))
     if missing:
@@ -201,11 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no photo of the set is installed")
         return 1
     if args.conse:
-        print(format_metrics(split_metrics(conse_reference_scores(photos), photos)))
-        return 0
-    retriever = Retriever.from_pretrained(args.checkpoint)
-    directions = tuple(args.directions) if args.directions else None
-    print(format_metrics(real_photo_metrics(retriever, photos, directions)))
+        scores = conse_reference_scores(photos)
+    else:
+        retriever = Retriever.from_pretrained(args.checkpoint)
+        directions = tuple(args.directions) if args.directions else None
+        scores = real_photo_scores(retriever, photos, directions)
+    print(format_metrics(split_metrics(scores, photos)))
+    if args.misses:
+        print("\n".join(misses(scores, photos)))
     return 0
 
 
