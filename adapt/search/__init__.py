@@ -11,6 +11,8 @@ a large gallery is far too slow for a query. Search therefore runs in two stages
   candidates, has them re-ranked with exact ADAPT scores and merges the shards' results;
 - :mod:`adapt.search.shard`: the storage, self-contained memory-mapped shards that grow by
   appending and can be served from separate machines;
+- :mod:`adapt.search.fingerprint`: what an index records about its model, so that it refuses to be
+  opened with another one;
 - :mod:`adapt.search.qdrant`: the first stage on a Qdrant collection instead of FAISS (optional),
   embedded or on a server or cluster.
 
@@ -44,14 +46,8 @@ from adapt.search.first_stage import (
     first_stage_scores,
     image_vectors,
 )
-from adapt.search.index import (
-    DEFAULT_CANDIDATES,
-    DEFAULT_SHARD_SIZE,
-    GalleryIndex,
-    fingerprint_differences,
-    model_fingerprint,
-    top_candidates,
-)
+from adapt.search.fingerprint import fingerprint_differences, model_fingerprint
+from adapt.search.index import DEFAULT_CANDIDATES, DEFAULT_SHARD_SIZE, GalleryIndex, top_candidates
 from adapt.search.qdrant import QdrantFirstStage
 from adapt.search.shard import GalleryIndexError, ImageDetails, Shard
 

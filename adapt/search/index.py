@@ -31,8 +31,6 @@ copy of the model) needs to expose just :meth:`Shard.first_stage` and :meth:`Sha
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +42,7 @@ from tqdm.auto import tqdm
 from adapt.gallery import SearchHit, fovea_weights, merge_top_k
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
+from adapt.search.fingerprint import fingerprint_differences, model_fingerprint
 from adapt.search.first_stage import FIRST_STAGES, FirstStage, caption_queries, image_vectors, vector_size
 from adapt.search.qdrant import QdrantFirstStage
 from adapt.search.shard import GalleryIndexError, ImageDetails, Shard, boxes_only, write_json
@@ -53,7 +52,6 @@ FORMAT_NAME = "adapt-gallery-index"
 # 2: the model's config hash leaves out its extractor, compared by check_extractor;
 # 3: the config recorded field by field, image details, the first stage's backend
 FORMAT_VERSION = 3
-IGNORED_CONFIG_FIELDS = ("card", "format", "extractor")
 DEFAULT_SHARD_SIZE = 250_000
 DEFAULT_CANDIDATES = 200  # twice the K that recalled the whole top-10 of 10k to 1M synthetic images
 ENCODE_BATCH = 512  # images per encode_regions call in add()
@@ -82,60 +80,6 @@ def top_candidates(
     k = min(k, all_scores.shape[1])
     best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
     return shard_of[best], np.take_along_axis(all_rows, best, axis=1)
-
-
-def _field_defaults(config: Any) -> dict[str, Any]:
-    """Each field of a config dataclass with its default value."""
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING
-            or f.default_factory is not dataclasses.MISSING}
-
-
-def _recorded(value: Any) -> Any:
-    """A config value as a fingerprint records it: scalars as they are, lists and tables (a
-    vocabulary, a concepts table) by their digest."""
-    if isinstance(value, (list, dict)):
-        return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-    return value
-
-
-def model_fingerprint(model: AdaptModel) -> dict[str, Any]:
-    """What an index records about the model whose encoded regions it stores.
-
-    ``config`` has every field of the architecture (the config without its free-form ``card``, its
-    ``format`` and its ``extractor``, which :meth:`GalleryIndex.open` compares with
-    :func:`adapt.regions.check_extractor`), field by field, so a difference is named and a field
-    added to :class:`~adapt.config.AdaptConfig` later, at its default, changes nothing (see
-    :func:`fingerprint_differences`); ``weights_sha256`` covers every tensor of the state dict, so
-    a retrained model is told apart too.
-    """
-    config = {k: _recorded(v) for k, v in model.config.to_dict().items() if k not in IGNORED_CONFIG_FIELDS}
-    weights = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        weights.update(name.encode())
-        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return {"config": config, "weights_sha256": weights.hexdigest(), "extractor": model.config.extractor}
-
-
-def fingerprint_differences(stored: dict[str, Any], model: AdaptModel) -> list[str]:
-    """``field: index X, model Y`` for every way ``model`` differs from the ``stored`` fingerprint
-    (the extractor aside).
-
-    A config field that only one side records is compared with its default: a field added to the
-    config since the index was built matches while the model leaves it at its default.
-    """
-    current = model_fingerprint(model)
-    defaults = {k: _recorded(v) for k, v in _field_defaults(model.config).items()}
-    absent = "<absent>"
-    differ = []
-    for key in sorted(set(stored["config"]) | set(current["config"])):
-        was = stored["config"].get(key, defaults.get(key, absent))
-        now = current["config"].get(key, defaults.get(key, absent))
-        if was != now:
-            differ.append(f"{key}: index {was!r}, model {now!r}")
-    if stored["weights_sha256"] != current["weights_sha256"]:
-        differ.append(f"weights_sha256: index {stored['weights_sha256']!r}, model {current['weights_sha256']!r}")
-    return differ
 
 
 def _float_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
