@@ -5,8 +5,11 @@ ConSE (Norouzi et al., "Zero-Shot Learning by Convex Combination of Semantic Emb
 the text embeddings of the class names. Here it is applied to every region: the ImageNet head of
 the region features' own backbone (EfficientNet-Lite0: global pool + linear 1280 -> 1000) scores
 the region's RoI-pooled vector, the detector's COCO class scores (``with_labels`` extractors) add
-their names, and the names are embedded by the model's own text transformer. The region encoder
-adds that concept vector to the reference's linear projection (:class:`ConceptRegionEncoder`).
+their names, and the names are embedded by the model's own text transformer. With
+``scene_weight`` (extractors built ``with_scene``), every region's ImageNet part is mixed with
+that of the whole photo, classified by the stronger EfficientNet-Lite3
+(:mod:`adapt.regions.scene`): each region is seen in its scene's context. The region encoder adds
+that concept vector to the reference's linear projection (:class:`ConceptRegionEncoder`).
 
 :func:`ground_in_concepts` initialises a fresh model so that, before any training, its T2I score is
 the ConSE score: the concept part maps into the latent space as ``[I; -I]`` (so LeakyReLU keeps its
@@ -30,7 +33,7 @@ CLASSIFIER_SOURCE = "efficientnet-lite0 ImageNet-1k head"
 NAME_BATCH = 256
 
 
-def default_concepts(top_k: int = 10) -> dict[str, Any]:
+def default_concepts(top_k: int = 10, scene_weight: float | None = None) -> dict[str, Any]:
     """The ``AdaptConfig.concepts`` of the bundled extractor: 1000 ImageNet classes, 90 COCO slots.
 
     The ImageNet class names are those torchvision ships in its weights' metadata (no download),
@@ -39,6 +42,12 @@ def default_concepts(top_k: int = 10) -> dict[str, Any]:
     black"): the synonyms and the gloss name what a caption says ("cat") where the class name alone
     ("tabby") does not. On the real-photo set's select half, R@1 image->text / text->image goes
     from 54/67 with the names to 71/79 with the descriptions, for the same trained model.
+
+    Args:
+        top_k: classes per ConSE vector.
+        scene_weight: for features extracted ``with_scene``: the share ``w`` of the whole photo's
+            ImageNet concepts in every region's, ``(1 - w) ConSE(region) + w ConSE(scene)``.
+            ``None``: features without the scene block.
     """
     from timm.data import ImageNetInfo
     from torchvision.models import EfficientNet_B0_Weights
@@ -55,6 +64,7 @@ def default_concepts(top_k: int = 10) -> dict[str, Any]:
         "descriptions": ImageNetInfo("imagenet-1k").label_descriptions(detailed=True),
         "labels": [coco_name(i) for i in range(1, LABEL_DIM + 1)],
         "top_k": top_k,
+        **({} if scene_weight is None else {"scene_weight": float(scene_weight)}),
     }
 
 
@@ -76,13 +86,14 @@ class ConceptRegionEncoder(nn.Module):
     """``l2norm(LeakyReLU(W x + b + W_c ConSE(x)))`` per region (the reference's encoder + concepts).
 
     A region feature ``x`` is laid out as the extractor writes it: ``backbone_dim`` backbone values,
-    then (when ``labels`` is not empty) the detector's class scores, then anything else (geometry).
+    then (when ``labels`` is not empty) the detector's class scores, then (with ``scene_weight``)
+    the whole image's probabilities over the same ``classes``, then anything else (geometry).
 
     Args:
         region_dim: input feature size.
         latent_size: joint space size ``d``.
         concepts: ``AdaptConfig.concepts``: ``backbone_dim``, ``classes`` (classifier outputs),
-            ``labels`` (detector slots, may be empty) and ``top_k``.
+            ``labels`` (detector slots, may be empty), ``top_k`` and optionally ``scene_weight``.
         concept_dim: size of the name embeddings (the text transformer's hidden size).
     """
 
@@ -91,9 +102,13 @@ class ConceptRegionEncoder(nn.Module):
         self.backbone_dim = int(concepts["backbone_dim"])
         self.n_labels = len(concepts["labels"])
         self.top_k = int(concepts["top_k"])
-        if self.backbone_dim + self.n_labels > region_dim:
-            raise ValueError(f"concepts need {self.backbone_dim} backbone + {self.n_labels} label values, "
-                             f"but region features are {region_dim}-d")
+        self.scene_weight = float(concepts.get("scene_weight", 0.0))
+        self.n_scene = len(concepts["classes"]) if "scene_weight" in concepts else 0
+        if not 0.0 <= self.scene_weight <= 1.0:
+            raise ValueError(f"scene_weight must lie in [0, 1], got {self.scene_weight}")
+        if self.backbone_dim + self.n_labels + self.n_scene > region_dim:
+            raise ValueError(f"concepts need {self.backbone_dim} backbone + {self.n_labels} label + {self.n_scene} "
+                             f"scene values, but region features are {region_dim}-d")
         self.fc = nn.Linear(region_dim, latent_size)
         nn.init.xavier_uniform_(self.fc.weight)  # as RegionEncoder; ground_in_concepts re-initialises
         nn.init.zeros_(self.fc.bias)
@@ -105,14 +120,17 @@ class ConceptRegionEncoder(nn.Module):
     def concept_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """ConSE vector of each region: ``(..., region_dim)`` -> ``(..., concept_dim)``.
 
-        The top-``k`` classifier probabilities weight the class-name embeddings; the detector's class
-        scores weight the label-name embeddings.
+        The top-``k`` classifier probabilities weight the class-name embeddings, mixed with the
+        scene's by ``scene_weight``; the detector's class scores weight the label-name embeddings.
         """
         probs = torch.softmax(self.classifier(features[..., : self.backbone_dim]), dim=-1)
         concepts = conse(probs, self.class_names, self.top_k)
+        labels_end = self.backbone_dim + self.n_labels
+        if self.n_scene:
+            scene = conse(features[..., labels_end : labels_end + self.n_scene], self.class_names, self.top_k)
+            concepts = (1.0 - self.scene_weight) * concepts + self.scene_weight * scene
         if self.n_labels:
-            labels = features[..., self.backbone_dim : self.backbone_dim + self.n_labels]
-            concepts = concepts + labels @ self.label_names
+            concepts = concepts + features[..., self.backbone_dim : labels_end] @ self.label_names
         return concepts
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

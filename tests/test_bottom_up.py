@@ -245,6 +245,8 @@ def test_adaptive_count_whole_image_geometry_and_vocabulary_labels(tmp_path, wei
         extract_dataset([ImageRecord("x.jpg", "train", ("a cat",))], tmp_path, tmp_path / "out", adaptive)
     with pytest.raises(ValueError, match="Visual Genome"):
         BottomUpAttentionExtractor(weights, with_labels=True)
+    with pytest.raises(ValueError, match="with_scene is not supported"):
+        BottomUpAttentionExtractor(weights, with_scene=True)
 
 
 def test_extract_cli_takes_this_backends_weights(tmp_path, capsys):

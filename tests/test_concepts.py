@@ -53,6 +53,25 @@ def test_concept_vectors_weight_the_top_k_class_names_and_the_detector_labels(mo
     torch.testing.assert_close(encoder.concept_vectors(x), expected)
 
 
+def test_the_scene_weight_mixes_the_whole_photos_concepts_into_every_regions(model):
+    config = AdaptConfig(region_dim=REGION_DIM + 1000, latent_size=768, similarity="t2i", text_encoder="transformer",
+                         region_encoder="concepts", concepts=default_concepts(top_k=3, scene_weight=0.25))
+    encoder = AdaptModel(config).region_encoder  # the same classifier and names as the fixture's
+    x = features()
+    scene = torch.zeros(1000)
+    scene[[281, 967]] = torch.tensor([0.7, 0.3])  # the photo: a tabby, some espresso
+    with_scene = torch.cat([x[..., : BACKBONE + LABEL_DIM], scene.expand(*x.shape[:2], -1), x[..., -5:]], dim=-1)
+    scene_vector = 0.7 * encoder.class_names[281] + 0.3 * encoder.class_names[967]
+    regions_only = model.region_encoder.concept_vectors(x)
+    labels = x[..., BACKBONE : BACKBONE + LABEL_DIM] @ encoder.label_names
+    expected = 0.75 * (regions_only - labels) + 0.25 * scene_vector + labels
+    torch.testing.assert_close(encoder.concept_vectors(with_scene), expected)
+    with pytest.raises(ValueError, match="scene_weight"):
+        AdaptModel(AdaptConfig.from_dict({**config.to_dict(), "concepts": {**config.concepts, "scene_weight": 1.5}}))
+    with pytest.raises(ValueError, match="1000 scene values"):
+        AdaptModel(AdaptConfig.from_dict({**config.to_dict(), "region_dim": REGION_DIM}))
+
+
 def test_a_fresh_model_starts_from_the_names_embedded_by_its_own_text_encoder(model):
     encoder = model.region_encoder
     description = model.config.concepts["descriptions"][281]

@@ -15,9 +15,9 @@ from training.real_photos import (
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")  # Debian's opencv-doc (.ci/run installs it)
-# R@1 (%) the shipped model must keep on all 50 photos (it has 58 / 68; the goal of 80 is
-# not reached, see checkpoints/default/README.md): a regression guard, not the goal.
-REGRESSION_GUARD = {"i2t_r1": 54.0, "t2i_r1": 62.0}
+# R@1 (%) the shipped model must keep on all 50 photos (it has 68 / 74; the goal of 80 is
+# not reached on all 50, see checkpoints/default/README.md): a regression guard, not the goal.
+REGRESSION_GUARD = {"i2t_r1": 64.0, "t2i_r1": 70.0}
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +86,11 @@ def test_the_highlight_follows_the_caption_onto_the_named_object(retriever):
     on_ball = top_detected(ranked, row["a soccer ball"])
     on_man = top_detected(ranked, row["a man in a red and blue striped shirt"])
     assert box_iou(torch.from_numpy(ranked.regions.boxes[[on_ball]]), ball).item() > 0.5
-    # The man's caption lights a person, not the ball. Which person is a near-tie: the detector names
-    # the player and the people behind him all "person" (fovea weights within 2 % of each other).
-    assert ranked.regions.labels[on_man] == "person"
+    # The man's caption lights the player: the detector's one confident "person" (0.99; the people
+    # behind him score under 0.35). His box spans his kicking leg, so it only grazes the ball's.
+    assert ranked.regions.labels[on_man] == "person" and ranked.regions.scores[on_man] > 0.9
     on_player = torch.from_numpy(ranked.regions.boxes[[on_man]])
-    assert box_iou(on_player, ball).item() == 0.0
+    assert box_iou(on_player, ball).item() < 0.1
 
 
 def test_the_zero_shot_conse_reference_puts_each_photo_with_its_caption():

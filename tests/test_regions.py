@@ -29,6 +29,7 @@ from adapt.regions import (
     load_image,
 )
 from adapt.pipeline import DEFAULT_CHECKPOINT
+from adapt.regions.base import LABEL_DIM, SCENE_DIM
 
 # Hand-measured object boxes (x1, y1, x2, y2) in the scikit-image sample photos.
 OBJECTS = {
@@ -189,6 +190,7 @@ def test_descriptions_in_words_are_no_part_of_the_check_but_every_setting_is(ssd
         {**identity, "weights": "other-detector"},
         {**identity, "format": identity["format"] + 1},
         {**identity, "with_labels": True},
+        {**identity, "with_scene": {"classifier": "efficientnet_lite3.tflite (int8)", "input": [280, 280]}},
         {**identity, "selection": {**identity["selection"], "nms_iou": 0.4}},
         {**identity, "selection": {**identity["selection"], "whole_image": True}},
         {**identity, "preprocessing": {**identity["preprocessing"], "detector_input": [320, 320]}},
@@ -196,6 +198,23 @@ def test_descriptions_in_words_are_no_part_of_the_check_but_every_setting_is(ssd
     for trained in changed:
         with pytest.warns(UserWarning, match="region extractor mismatch"):
             assert len(check_extractor(trained, identity, allow_mismatch=True)) == 1
+
+
+def test_with_scene_every_region_carries_the_whole_photos_imagenet_probabilities():
+    extractor = SsdEfficientNetExtractor(num_regions=6, with_labels=True, with_scene=True, with_geometry=True)
+    assert extractor.feature_dim == 1280 + LABEL_DIM + SCENE_DIM + 5
+    assert extractor.identity["with_scene"]["classifier"] == "efficientnet_lite3.tflite (int8)"
+    assert build_extractor(extractor.identity).identity == extractor.identity
+    # ImageNet-1k in torchvision's order: 281-285 are the domestic cats, 967 espresso, 968 cup.
+    for name, expected in (("chelsea", set(range(281, 286))), ("coffee", {967, 968})):
+        regions = extractor.extract(getattr(data, name)())
+        assert regions.features.shape == (6, extractor.feature_dim)
+        scene = regions.features[:, 1280 + LABEL_DIM : 1280 + LABEL_DIM + SCENE_DIM]
+        np.testing.assert_allclose(scene, np.broadcast_to(scene[0], scene.shape))
+        assert abs(float(scene[0].sum()) - 1.0) < 1e-5 and scene.min() >= 0
+        assert int(scene[0].argmax()) in expected, (name, int(scene[0].argmax()))
+        # The geometry still closes the feature.
+        np.testing.assert_allclose(regions.features[:, -5:-1] * np.tile(regions.image_size, 2), regions.boxes, atol=1e-3)
 
 
 def test_the_bundled_checkpoint_passes_the_check_of_the_extractor_it_names():

@@ -214,6 +214,19 @@ def test_model_is_built_from_the_config_and_the_data(tmp_path, concept_data):
         build_model(load_config(tiny_config(tmp_path, concept_data), ["model.region_dim=64"]), split)
 
 
+def test_the_bundled_recipes_concepts_options_reach_the_models_table(tmp_path, concept_data):
+    # Features laid out as the bundled extractor writes them with --with-scene (1280 + 90 + 1000 + 5).
+    data = tmp_path / "scene_feats"
+    data.mkdir()
+    n_images = len(np.load(concept_data / "train_ims.npy", mmap_mode="r"))
+    np.save(data / "train_ims.npy", np.zeros((n_images, N_REGIONS, 2375), np.float32))
+    (data / "train_caps.txt").write_bytes((concept_data / "train_caps.txt").read_bytes())
+    config = load_config(CONFIGS / "scenes_concepts.yaml", [f"data.path={data}"])
+    model = build_model(config, load_split(data, "train"))
+    assert model.config.concepts["scene_weight"] == 0.5 and len(model.config.concepts["classes"]) == 1000
+    assert model.region_encoder.n_scene == 1000 and model.region_encoder.scene_weight == 0.5
+
+
 # -- training ------------------------------------------------------------------------------------
 
 

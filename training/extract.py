@@ -349,6 +349,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--with-geometry", action="store_true", help="append 5 box-geometry values to each feature")
     parser.add_argument("--with-labels", action="store_true",
                         help="append the detector's 90 COCO class scores to each feature")
+    parser.add_argument("--with-scene", action="store_true",
+                        help="append the whole image's 1000 ImageNet probabilities (EfficientNet-Lite3) to each feature")
     parser.add_argument("--whole-image", action="store_true",
                         help="make the first region of every image the whole image")
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call and per saved step")
@@ -371,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     options: dict[str, Any] = {"num_regions": args.num_regions, "with_geometry": args.with_geometry,
-                               "with_labels": args.with_labels, "whole_image": args.whole_image,
+                               "with_labels": args.with_labels, "with_scene": args.with_scene,
+                               "whole_image": args.whole_image,
                                "device": args.device}
     if args.weights or args.weights_repo:
         if args.extractor not in WEIGHTS_FILES:

@@ -80,8 +80,9 @@ def build_model(config: TrainConfig, train: Split) -> AdaptModel:
     if model_fields.get("region_dim", train.region_dim) != train.region_dim:
         raise ConfigError(f"model.region_dim={model_fields['region_dim']} but the features in {train} are "
                           f"{train.region_dim}-d; drop model.region_dim to take it from the data")
-    if model_fields.get("region_encoder") == "concepts" and model_fields.get("concepts") is None:
-        model_fields["concepts"] = default_concepts()
+    if model_fields.get("region_encoder") == "concepts" and "classes" not in (model_fields.get("concepts") or {}):
+        # A config's concepts without a table are default_concepts' options (top_k, scene_weight).
+        model_fields["concepts"] = default_concepts(**(model_fields.get("concepts") or {}))
     gru = model_fields.get("text_encoder", "gru") == "gru"
     vocab = build_vocab(train.captions, config.data.vocab_min_count) if gru else []
     adapt_config = AdaptConfig.from_dict({**model_fields, "region_dim": train.region_dim, "vocab": vocab,

@@ -10,10 +10,12 @@ is a detector whose published features are defined by their own selection and pe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -29,6 +31,8 @@ DEFAULT_NUM_REGIONS = 36
 GEOMETRY_DIM = 5
 # Detector class scores appended with ``with_labels``: one slot per COCO category id 1-90.
 LABEL_DIM = 90
+# Whole-image ImageNet class probabilities appended with ``with_scene`` (adapt.regions.scene).
+SCENE_DIM = 1000
 FILL_LABEL = ""
 # Images are first shrunk to this longest side: every backend works at a lower resolution anyway,
 # and it bounds memory and time for huge (up to max_pixels) inputs. Boxes are mapped back.
@@ -108,7 +112,10 @@ class RegionExtractor(ABC):
         with_labels: append the detector's class scores (:data:`LABEL_DIM` slots, COCO ids 1-90):
             a detection's score in its class's slot; the whole-image region holds, per class, the
             best score among the image's kept detections; fills hold zeros. They come right after
-            the backbone dimensions, so ``feature_dim = backbone_dim (+ 90) (+ 5)``.
+            the backbone dimensions.
+        with_scene: append the whole image's ImageNet class probabilities (:data:`SCENE_DIM`
+            slots, :class:`~adapt.regions.scene.SceneClassifier`), the same for every region of an
+            image, after the labels: ``feature_dim = backbone_dim (+ 90) (+ 1000) (+ 5)``.
         whole_image: make the first region the whole image (then up to ``num_regions - 1``
             detections, then fills): the whole-image view carries the scene's context.
         score_threshold: detections scoring below this are dropped before NMS.
@@ -130,6 +137,7 @@ class RegionExtractor(ABC):
         max_pixels: int,
         device: torch.device | str | None,
         with_labels: bool = False,
+        with_scene: bool = False,
         whole_image: bool = False,
     ) -> None:
         if num_regions < 1:
@@ -141,6 +149,10 @@ class RegionExtractor(ABC):
         self.num_regions = int(num_regions)
         self.with_geometry = bool(with_geometry)
         self.with_labels = bool(with_labels)
+        # Imported here: adapt.regions.scene builds on this module.
+        from adapt.regions.scene import SceneClassifier
+
+        self.scene = SceneClassifier() if with_scene else None
         self.whole_image = bool(whole_image)
         self.score_threshold = float(score_threshold)
         self.nms_iou = float(nms_iou)
@@ -150,7 +162,8 @@ class RegionExtractor(ABC):
     @property
     def feature_dim(self) -> int:
         """Size D of one region feature."""
-        return self.backbone_dim + (LABEL_DIM if self.with_labels else 0) + (GEOMETRY_DIM if self.with_geometry else 0)
+        return (self.backbone_dim + (LABEL_DIM if self.with_labels else 0) + (SCENE_DIM if self.scene else 0)
+                + (GEOMETRY_DIM if self.with_geometry else 0))
 
     @property
     def regions_per_image(self) -> tuple[int, int]:
@@ -161,8 +174,10 @@ class RegionExtractor(ABC):
     @property
     def identity(self) -> dict[str, Any]:
         """A JSON-able description of everything that shapes the features (see :func:`check_extractor`)."""
-        # The two options appear only when on, so identities written before they existed still match.
-        options = {"with_labels": True} if self.with_labels else {}
+        # These options appear only when on, so identities written before they existed still match.
+        options: dict[str, Any] = {"with_labels": True} if self.with_labels else {}
+        if self.scene:
+            options["with_scene"] = self.scene.identity
         selection = {"whole_image": True} if self.whole_image else {}
         return {
             "name": self.name,
@@ -192,6 +207,7 @@ class RegionExtractor(ABC):
         selection = identity["selection"]
         return {"num_regions": identity["num_regions"], "with_geometry": identity["with_geometry"],
                 "with_labels": identity.get("with_labels", False),
+                "with_scene": "with_scene" in identity,
                 "whole_image": selection.get("whole_image", False),
                 "score_threshold": selection["score_threshold"], "nms_iou": selection["nms_iou"]}
 
@@ -220,12 +236,12 @@ class RegionExtractor(ABC):
     def _extract_loaded(self, images: list[Image.Image]) -> list[Regions]:
         working = [_shrink(image, WORKING_MAX_SIDE) for image in images]
         detections = self._detect(working)
-        return [self._regions(image.size, work.size, det)
+        return [self._regions(image.size, work, det)
                 for image, work, det in zip(images, working, detections, strict=True)]
 
-    def _regions(self, image_size: tuple[int, int], working_size: tuple[int, int], det: Detections) -> Regions:
+    def _regions(self, image_size: tuple[int, int], working: Image.Image, det: Detections) -> Regions:
         width, height = image_size
-        work_w, work_h = working_size
+        work_w, work_h = working.size
         boxes = clip_boxes_to_image(det.boxes.float().cpu(), (work_h, work_w))
         scores = det.scores.float().cpu()
         candidates = torch.nonzero(scores >= self.score_threshold).flatten()
@@ -243,6 +259,8 @@ class RegionExtractor(ABC):
         class_ids = det.class_ids.cpu()[kept].long()
         if self.with_labels:
             features = torch.cat([features, label_scores(class_ids, scores[kept], n_whole, n_fill)], dim=1)
+        if self.scene:
+            features = torch.cat([features, torch.from_numpy(self.scene(working)).expand(len(features), -1)], dim=1)
         if self.with_geometry:
             features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
         return Regions(
@@ -262,6 +280,19 @@ class RegionExtractor(ABC):
     @abstractmethod
     def _backend_identity(self) -> dict[str, Any]:
         """Identity fields of the backend: at least ``weights`` and ``preprocessing``."""
+
+
+def package_file(package: tuple[str, str], filename: str) -> Path:
+    """A model file shipped inside an installed package ``(module, requirement)``, found without
+    importing the package (some import modules that are absent here)."""
+    module, requirement = package
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ExtractorError(f"the region extractor needs the package {requirement}: pip install '{requirement}'")
+    path = Path(next(iter(spec.submodule_search_locations)), "models", filename)
+    if not path.is_file():
+        raise ExtractorError(f"{path} is missing; reinstall it: pip install --force-reinstall '{requirement}'")
+    return path
 
 
 def fill_boxes(count: int, width: float, height: float) -> torch.Tensor:

@@ -160,12 +160,13 @@ class BottomUpAttentionExtractor(RegionExtractor):
         nms_iou: IoU of the per-class NMS (0.3).
         with_geometry, whole_image, max_pixels, device: see :class:`RegionExtractor`.
         with_labels: not supported (it appends the COCO classes of the other backends).
+        with_scene: not supported (this detector's features are its own selection and head's).
         short_side, max_side: the network input size (600 / 1000, the Caffe extractor's).
         num_proposals: RPN proposals kept (300); each costs a res5 pass, so this sets the cost.
 
     Raises:
         ExtractorError: the weights or vocabularies cannot be found, read, or do not fit.
-        ValueError: settings out of range, or ``with_labels``.
+        ValueError: settings out of range, ``with_labels`` or ``with_scene``.
     """
 
     name = "bottom-up-attention"
@@ -186,6 +187,7 @@ class BottomUpAttentionExtractor(RegionExtractor):
         min_regions: int | None = None,
         with_geometry: bool = False,
         with_labels: bool = False,
+        with_scene: bool = False,
         whole_image: bool = False,
         score_threshold: float = 0.2,
         nms_iou: float = 0.3,
@@ -198,6 +200,9 @@ class BottomUpAttentionExtractor(RegionExtractor):
         if with_labels:
             raise ValueError(f"{self.name}: with_labels appends the 90 COCO class scores of the other backends; this "
                              f"detector's classes are Visual Genome's {NUM_CLASSES} (see Regions.labels)")
+        if with_scene:
+            raise ValueError(f"{self.name}: with_scene is not supported; its features are defined by its own "
+                             "selection and per-box head")
         super().__init__(num_regions=num_regions, with_geometry=with_geometry, whole_image=whole_image,
                          score_threshold=score_threshold, nms_iou=nms_iou, max_pixels=max_pixels, device=device)
         self.min_regions = self.num_regions if min_regions is None else int(min_regions)

