@@ -15,19 +15,16 @@ from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     FILL_LABEL,
     ExtractorError,
-    ExtractorMismatchError,
     RegionExtractor,
     Regions,
     box_geometry,
-    check_extractor,
-    comparable_identity,
     fill_boxes,
-    identity_differences,
 )
 from adapt.regions.bottom_up import BottomUpAttentionExtractor
 from adapt.regions.coco_names import COCO_NAMES, coco_name
 from adapt.regions.factory import BACKENDS, DEFAULT_EXTRACTOR, build_extractor
 from adapt.regions.faster_rcnn import FasterRcnnExtractor
+from adapt.regions.identity import ExtractorMismatchError, check_extractor, comparable_identity, identity_differences
 from adapt.regions.image import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image
 from adapt.regions.ssd import SsdEfficientNetExtractor
 

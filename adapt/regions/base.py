@@ -1,5 +1,6 @@
 """What every region extractor shares: the :class:`Regions` result, box selection with
-deterministic fills, RoI pooling, box geometry, and the extractor identity and its check.
+deterministic fills, RoI pooling, box geometry, and the extractor identity (its check is
+:mod:`adapt.regions.identity`).
 
 A backend only implements :meth:`RegionExtractor._detect` (detections + one backbone feature map per
 image) and :meth:`RegionExtractor._backend_identity`; everything that decides which boxes become
@@ -11,8 +12,6 @@ is a detector whose published features are defined by their own selection and pe
 from __future__ import annotations
 
 import importlib.util
-import json
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes, roi_al
 
 from adapt.device import pick_device
 from adapt.regions.coco_names import coco_name
+from adapt.regions.identity import IDENTITY_FORMAT
 from adapt.regions.image import ImageSource, load_image
 
 DEFAULT_NUM_REGIONS = 36
@@ -42,20 +42,10 @@ WORKING_MAX_SIDE = 2048
 # each, which costs 4x more (~40 ms per image for 36 boxes on a 1280-channel map, one core).
 ROI_OUTPUT_SIZE = 2
 ROI_SAMPLING_RATIO = 0
-# Bump when the meaning of the features changes, so older checkpoints refuse the new extractor.
-IDENTITY_FORMAT = 1
-# Identity fields that say where weights were found, not what they are: never compared.
-LOCATION_FIELDS = ("weights_source",)
-REBUILD_ADVICE = ("Rebuild the extractor the model names with adapt.regions.build_extractor(config.extractor), "
-                  "or pass allow_mismatch=True (--allow-extractor-mismatch) to override at your own risk.")
 
 
 class ExtractorError(RuntimeError):
     """An extractor that cannot be built: missing model files, unreadable or unfitting weights."""
-
-
-class ExtractorMismatchError(ValueError):
-    """A model's training features came from another region extractor than the one at hand."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +152,7 @@ class RegionExtractor(ABC):
     @property
     def feature_dim(self) -> int:
         """Size D of one region feature."""
-        return (self.backbone_dim + (LABEL_DIM if self.with_labels else 0) + (SCENE_DIM if self.scene else 0)
+        return (self.backbone_dim + (LABEL_DIM if self.with_labels else 0) + (SCENE_DIM if self.scene is not None else 0)
                 + (GEOMETRY_DIM if self.with_geometry else 0))
 
     @property
@@ -176,7 +166,7 @@ class RegionExtractor(ABC):
         """A JSON-able description of everything that shapes the features (see :func:`check_extractor`)."""
         # These options appear only when on, so identities written before they existed still match.
         options: dict[str, Any] = {"with_labels": True} if self.with_labels else {}
-        if self.scene:
+        if self.scene is not None:
             options["with_scene"] = self.scene.identity
         selection = {"whole_image": True} if self.whole_image else {}
         return {
@@ -259,7 +249,7 @@ class RegionExtractor(ABC):
         class_ids = det.class_ids.cpu()[kept].long()
         if self.with_labels:
             features = torch.cat([features, label_scores(class_ids, scores[kept], n_whole, n_fill)], dim=1)
-        if self.scene:
+        if self.scene is not None:
             features = torch.cat([features, torch.from_numpy(self.scene(working)).expand(len(features), -1)], dim=1)
         if self.with_geometry:
             features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
@@ -380,94 +370,3 @@ def _shrink(image: Image.Image, max_side: int) -> Image.Image:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     # reducing_gap: a fast integer pre-reduction, so huge images shrink in well under a second.
     return image.resize(size, Image.BILINEAR, reducing_gap=3.0)
-
-
-def comparable_identity(identity: dict[str, Any]) -> dict[str, Any]:
-    """The fields of an extractor identity that :func:`check_extractor` compares, dotted: every
-    top-level field but :data:`LOCATION_FIELDS`, and in the nested groups every value but text."""
-    # A JSON round trip first, so tuples and lists compare equal, as they will after saving.
-    flat = _flatten(json.loads(json.dumps(identity)))
-    return {key: value for key, value in flat.items()
-            if key.split(".")[0] not in LOCATION_FIELDS and ("." not in key or not isinstance(value, str))}
-
-
-def identity_differences(expected: dict[str, Any], actual: dict[str, Any],
-                         names: tuple[str, str] = ("model", "extractor")) -> list[str]:
-    """A ``field: <names[0]> has X, <names[1]> has Y`` line for every field in which the
-    :func:`comparable_identity` of two identities differ (the rule is :func:`check_extractor`'s)."""
-    flat_expected, flat_actual = comparable_identity(expected), comparable_identity(actual)
-    missing = "<absent>"
-    return [
-        f"{key}: {names[0]} has {flat_expected.get(key, missing)!r}, {names[1]} has {flat_actual.get(key, missing)!r}"
-        for key in sorted(set(flat_expected) | set(flat_actual))
-        if flat_expected.get(key, missing) != flat_actual.get(key, missing)
-    ]
-
-
-def check_extractor(
-    model_config_extractor: dict[str, Any] | None,
-    identity: dict[str, Any] | None,
-    allow_mismatch: bool = False,
-    *,
-    names: tuple[str, str] = ("model", "extractor"),
-    advice: str = REBUILD_ADVICE,
-) -> list[str]:
-    """Refuse to pair a model with features from another region extractor than it was trained on.
-
-    The one rule for every such check (:class:`~adapt.pipeline.Retriever`, :func:`build_extractor`,
-    ``training.extract``, ``training.evaluate``, ``GalleryIndex.open``): two identities match when
-    their :func:`comparable_identity` are equal, that is
-
-    - every top-level field is compared, whatever its type: ``name``, ``format``, ``weights``,
-      ``num_regions``, ``feature_dim``, ``with_geometry``, ...; a field on one side only differs;
-    - inside the nested groups (``selection``, ``pooling``, ``preprocessing``) the settings are
-      compared (numbers, booleans, nulls, lists) and text is not: a nested string says in words
-      what the code does (``selection.fill``, ``preprocessing.resize``, ...), so correcting its
-      wording orphans no checkpoint. When what such a text describes changes, the features change
-      meaning: bump :data:`IDENTITY_FORMAT` (the compared ``format``);
-    - :data:`LOCATION_FIELDS` (where the weights were found) are ignored.
-
-    Args:
-        model_config_extractor: ``AdaptConfig.extractor`` of the model (``None``: unknown origin,
-            e.g. a model trained on SCAN precomp files).
-        identity: ``RegionExtractor.identity`` of the extractor about to produce features (or the
-            identity recorded with features; ``None``: unknown origin).
-        allow_mismatch: warn instead of raising.
-        names: what the two identities belong to, for the message.
-        advice: the message's last sentence: what the user can do.
-
-    Returns:
-        The differences found (empty when the extractor matches).
-
-    Raises:
-        ExtractorMismatchError: on any difference (or unknown origin) unless ``allow_mismatch``.
-    """
-    if model_config_extractor is None or identity is None:
-        unknown = names[0] if model_config_extractor is None else names[1]
-        problems = [f"the {unknown} does not record which region extractor produced its features "
-                    "(unknown origin, e.g. SCAN/VSE precomp files)"]
-    else:
-        problems = identity_differences(model_config_extractor, identity, names)
-    if not problems:
-        return []
-    expected, actual = ((tree or {}).get("name", "an unknown extractor") for tree in (model_config_extractor, identity))
-    message = (
-        f"region extractor mismatch: the {names[0]} names {expected!r}, the {names[1]} {actual!r}, with other "
-        "settings:\n  - " + "\n  - ".join(problems) +
-        "\nFeatures from a different detector or backbone silently ruin recall: the model still returns "
-        f"scores, but they are meaningless. {advice}"
-    )
-    if not allow_mismatch:
-        raise ExtractorMismatchError(message)
-    warnings.warn(message, stacklevel=2)
-    return problems
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapt.regions.base import RegionExtractor, check_extractor
+from adapt.regions.base import RegionExtractor
 from adapt.regions.bottom_up import BottomUpAttentionExtractor
 from adapt.regions.faster_rcnn import FasterRcnnExtractor
+from adapt.regions.identity import check_extractor
 from adapt.regions.ssd import SsdEfficientNetExtractor
 
 DEFAULT_EXTRACTOR = SsdEfficientNetExtractor.name
