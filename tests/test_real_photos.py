@@ -15,9 +15,14 @@ from training.real_photos import (
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")  # Debian's opencv-doc (.ci/run installs it)
-# R@1 (%) the shipped model must keep on all 50 photos (it has 68 / 74; the goal of 80 is
-# not reached on all 50, see checkpoints/default/README.md): a regression guard, not the goal.
-REGRESSION_GUARD = {"i2t_r1": 64.0, "t2i_r1": 70.0}
+# R@1 (%) the shipped model must keep, both ways, on each half and on all 50 photos: a regression
+# guard, not the goal. It has select 88 / 88, holdout 73 / 81, all 50 68 / 74 (the goal of
+# 80 is not reached on holdout image->text or on all 50, see checkpoints/default/README.md).
+REGRESSION_GUARD = {
+    "select": {"i2t_r1": 70.0, "t2i_r1": 70.0},
+    "holdout": {"i2t_r1": 70.0, "t2i_r1": 70.0},
+    "all": {"i2t_r1": 64.0, "t2i_r1": 70.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,9 @@ def test_real_photos_rank_their_caption_and_photo_first(retriever):
     for part, m in metrics.items():
         print(f"{part:8s} {int(m['n'])} photos: image->text R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f}, "
               f"text->image R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f}")
-    for key, floor in REGRESSION_GUARD.items():
-        assert metrics["all"][key] >= floor, (key, metrics["all"][key])
+    for part, floors in REGRESSION_GUARD.items():
+        for key, floor in floors.items():
+            assert metrics[part][key] >= floor, (part, key, metrics[part][key])
     # The misses list names exactly the photos that the whole set's R@1 counts as wrong.
     listed = "\n".join(misses(scores, photos))
     assert listed.count("first caption:") == round(len(photos) * (1 - metrics["all"]["i2t_r1"] / 100))
