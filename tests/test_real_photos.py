@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 
 from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
 from training.real_photos import (
-    conse_reference_scores, installed, misses, read_set, real_photo_scores, split_metrics,
+    conse_reference_scores, format_metrics, installed, misses, read_set, real_photo_scores, split_metrics,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +44,7 @@ def test_real_photos_rank_their_caption_and_photo_first(retriever):
         pytest.skip("sources not installed: " + ", ".join(missing) + " (.ci/run installs them)")
     scores = real_photo_scores(retriever, photos)
     metrics = split_metrics(scores, photos)
-    for part, m in metrics.items():
-        print(f"{part:8s} {int(m['n'])} photos: image->text R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f}, "
-              f"text->image R@1 {m['t2i_r1']:.1f} R@5 {m['t2i_r5']:.1f}")
+    print(format_metrics(metrics))
     for part, floors in REGRESSION_GUARD.items():
         for key, floor in floors.items():
             assert metrics[part][key] >= floor, (part, key, metrics[part][key])
