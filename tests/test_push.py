@@ -108,3 +108,17 @@ def test_card_without_training_metadata():
     text = model_card(config)
     assert text.startswith("---\nlibrary_name: adapt\n") and "No metrics recorded." in text
     assert "features of unknown origin" in text
+
+
+@pytest.mark.parametrize("name, terms", [
+    ("Flickr30k (SCAN bottom-up-attention precomp features)", "Flickr30k: non-commercial research use"),
+    ("adapt scenes (Debian tuxpaint-stamps photo cut-outs; GPL-2)", "adapt scenes (Debian tuxpaint-stamps"),
+])
+def test_card_names_the_training_data_and_its_terms(name, terms):
+    config = AdaptConfig(region_dim=8, latent_size=8, vocab=build_vocab(CAPTIONS), word_vectors="random",
+                         card={"data": {"name": name}})
+    text = model_card(config)
+    limitations = text.split("## Intended use and limitations")[1].split("## Licence")[0]
+    licence = text.split("## Licence")[1].split("## Citation")[0]
+    assert f"trained on ({name})" in limitations and terms in licence
+    assert ("Flickr30k" in text) == ("Flickr30k" in name)

@@ -32,6 +32,10 @@ _VARIANTS = {"t2i": "ADAPT-T2I (the caption adapts the image regions)",
              "ensemble": "the ADAPT T2I + I2T ensemble (mean of both similarities)",
              "mean": "the mean-pooling baseline without ADAPT (cosine of the mean region and the mean word)"}
 
+# Terms of the public datasets a card may name (matched in ``data.name``); others: the name itself.
+_DATA_TERMS = {"flickr30k": "Flickr30k: non-commercial research use",
+               "coco": "COCO: annotations CC BY 4.0, images under their Flickr licences"}
+
 
 def model_card(
     config: AdaptConfig,
@@ -57,6 +61,8 @@ def model_card(
                              metrics=["recall"])
     source = repo_id or "path/to/checkpoint"
     variant = _VARIANTS.get(config.similarity, f"ADAPT ({config.similarity})")
+    trained_on = data.get("name", "see the training data above")
+    terms = next((t for key, t in _DATA_TERMS.items() if key in trained_on.lower()), trained_on)
     lines = [
         f"# {repo_id.split('/')[-1] if repo_id else 'ADAPT image-text retrieval'}", "",
         f"{variant} for image-text retrieval, from Wehrmann et al., *Adaptive Cross-modal Embeddings for "
@@ -118,12 +124,10 @@ def model_card(
         "## Intended use and limitations", "",
         "Research on image-text retrieval: ranking captions for an image, searching images by text, inspecting "
         "which regions or words the model attends to. The model only knows the English captions and image "
-        "distribution it was trained on (Flickr30k / COCO photos are mostly everyday scenes from Western "
-        "photographers), inherits their biases, and is not meant for decisions about people, identification "
-        "or surveillance.", "",
+        f"distribution it was trained on ({trained_on}) and what its pretrained networks know, inherits their "
+        "biases, and is not meant for decisions about people, identification or surveillance.", "",
         "## Licence", "",
-        f"Weights: `{license}`. The training images and captions keep their own terms (Flickr30k: non-commercial "
-        "research use; COCO: annotations CC BY 4.0, images under their Flickr licences).", "",
+        f"Weights: `{license}`. The training images and captions keep their own terms ({terms}).", "",
         "## Citation", "", "```bibtex", CITATION, "```", ""]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
