@@ -61,7 +61,7 @@ def model_card(
                              metrics=["recall"])
     source = repo_id or "path/to/checkpoint"
     variant = _VARIANTS.get(config.similarity, f"ADAPT ({config.similarity})")
-    trained_on = data.get("name", "see the training data above")
+    trained_on = data.get("name", "unknown")
     terms = next((t for key, t in _DATA_TERMS.items() if key in trained_on.lower()), trained_on)
     lines = [
         f"# {repo_id.split('/')[-1] if repo_id else 'ADAPT image-text retrieval'}", "",
@@ -87,7 +87,7 @@ def model_card(
                   "new images by itself."]
     lines += ["", "## Training data", ""]
     if data:
-        lines += [f"- dataset: {data.get('name', 'unknown')} (`{data.get('path', '?')}`, split "
+        lines += [f"- dataset: {trained_on} (`{data.get('path', '?')}`, split "
                   f"`{data.get('train_split', 'train')}`)",
                   f"- {data.get('train_images', '?')} images, {data.get('train_captions', '?')} captions, "
                   f"{data.get('regions_per_image', '?')} regions per image"]
