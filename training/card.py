@@ -124,10 +124,10 @@ def model_card(
         "## Intended use and limitations", "",
         "Research on image-text retrieval: ranking captions for an image, searching images by text, inspecting "
         "which regions or words the model attends to. The model only knows the English captions and image "
-        f"distribution it was trained on ({trained_on}) and what its pretrained networks know, inherits their "
-        "biases, and is not meant for decisions about people, identification or surveillance.", "",
+        f"distribution of its training data, {trained_on}, and what its pretrained networks know, inherits "
+        "their biases, and is not meant for decisions about people, identification or surveillance.", "",
         "## Licence", "",
-        f"Weights: `{license}`. The training images and captions keep their own terms ({terms}).", "",
+        f"Weights: `{license}`. The training images and captions keep their own terms: {terms}.", "",
         "## Citation", "", "```bibtex", CITATION, "```", ""]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
