@@ -120,6 +120,6 @@ def test_card_names_the_training_data_and_its_terms(name, terms):
     text = model_card(config)
     limitations = text.split("## Intended use and limitations")[1].split("## Licence")[0]
     licence = text.split("## Licence")[1].split("## Citation")[0]
-    assert f"of its training data, {name}, and" in limitations and f"own terms: {terms}" in licence
+    assert f"of its training data, {name}, and" in limitations and f"own terms — {terms}" in licence
     assert "))" not in limitations + licence  # no "(name (detail))" doubling
     assert ("Flickr30k" in text) == ("Flickr30k" in name)

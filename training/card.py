@@ -127,7 +127,7 @@ def model_card(
         f"distribution of its training data, {trained_on}, and what its pretrained networks know, inherits "
         "their biases, and is not meant for decisions about people, identification or surveillance.", "",
         "## Licence", "",
-        f"Weights: `{license}`. The training images and captions keep their own terms: {terms}.", "",
+        f"Weights: `{license}`. The training images and captions keep their own terms — {terms}.", "",
         "## Citation", "", "```bibtex", CITATION, "```", ""]
     return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
