@@ -25,7 +25,7 @@ from adapt.regions.coco_names import COCO_NAMES, coco_name
 from adapt.regions.factory import BACKENDS, DEFAULT_EXTRACTOR, build_extractor
 from adapt.regions.faster_rcnn import FasterRcnnExtractor
 from adapt.regions.identity import ExtractorMismatchError, check_extractor, comparable_identity, identity_differences
-from adapt.regions.image import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image
+from adapt.regions.image import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image, shrink_to_max_side
 from adapt.regions.ssd import SsdEfficientNetExtractor
 
 __all__ = [
@@ -52,4 +52,5 @@ __all__ = [
     "fill_boxes",
     "identity_differences",
     "load_image",
+    "shrink_to_max_side",
 ]

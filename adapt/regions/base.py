@@ -25,7 +25,7 @@ from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes, roi_al
 from adapt.device import pick_device
 from adapt.regions.coco_names import coco_name
 from adapt.regions.identity import IDENTITY_FORMAT
-from adapt.regions.image import ImageSource, load_image
+from adapt.regions.image import ImageSource, load_image, shrink_to_max_side
 
 DEFAULT_NUM_REGIONS = 36
 GEOMETRY_DIM = 5
@@ -224,7 +224,7 @@ class RegionExtractor(ABC):
 
     @torch.inference_mode()
     def _extract_loaded(self, images: list[Image.Image]) -> list[Regions]:
-        working = [_shrink(image, WORKING_MAX_SIDE) for image in images]
+        working = [shrink_to_max_side(image, WORKING_MAX_SIDE) for image in images]
         detections = self._detect(working)
         return [self._regions(image.size, work, det)
                 for image, work, det in zip(images, working, detections, strict=True)]
@@ -361,12 +361,3 @@ def fit_size(width: int, height: int, short_side: int, max_side: int, multiple: 
     scale = min(short_side / min(width, height), max_side / max(width, height))
     return (max(multiple, round(width * scale / multiple) * multiple),
             max(multiple, round(height * scale / multiple) * multiple))
-
-
-def _shrink(image: Image.Image, max_side: int) -> Image.Image:
-    if max(image.size) <= max_side:
-        return image
-    scale = max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    # reducing_gap: a fast integer pre-reduction, so huge images shrink in well under a second.
-    return image.resize(size, Image.BILINEAR, reducing_gap=3.0)

@@ -42,7 +42,6 @@ from adapt.regions.base import (
     ExtractorError,
     RegionExtractor,
     Regions,
-    _shrink,
     box_geometry,
     fill_boxes,
     fit_size,
@@ -60,7 +59,7 @@ from adapt.regions.bottom_up_net import (
     load_weights,
 )
 from adapt.regions.faster_rcnn import _hub_file, _sha256
-from adapt.regions.image import DEFAULT_MAX_PIXELS
+from adapt.regions.image import DEFAULT_MAX_PIXELS, shrink_to_max_side
 
 # An attribute joins the label ("red bus") from this probability on (among the 400 attributes), as
 # the bottom-up-attention demos draw them.
@@ -275,7 +274,7 @@ class BottomUpAttentionExtractor(RegionExtractor):
         return [self._extract_one(image) for image in images]
 
     def _extract_one(self, image: Image.Image) -> Regions:
-        network_input = caffe_input(_shrink(image, WORKING_MAX_SIDE), self.short_side, self.max_side, self.device)
+        network_input = caffe_input(shrink_to_max_side(image, WORKING_MAX_SIDE), self.short_side, self.max_side, self.device)
         out = self.model(network_input, self.num_proposals)
         input_h, input_w = network_input.shape[-2:]
         n_whole = int(self.whole_image)
