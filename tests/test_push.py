@@ -1,15 +1,20 @@
 """Publishing: the dry-run folder is what a real push uploads, and it loads back with the same scores."""
 
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
 
 import training.push as push
 from adapt import AdaptConfig, AdaptModel, build_vocab
-from training.card import model_card
+from training.card import model_card, training_card
+from training.config import TrainConfig
+from training.data import load_split
+from training.state import Progress
 
 CAPTIONS = ["a dog on a sofa", "two cats", "a red car in the street", "a boat", "children play football"]
 EXTRACTOR = {"detector": "ssd-mobilenet-v2-coco", "backbone": "efficientnet-lite0", "regions": 5, "box_features": True}
@@ -123,3 +128,24 @@ def test_card_names_the_training_data_and_its_terms(name, terms):
     assert f"of its training data, {name}, and" in limitations and f"own terms — {terms}" in licence
     assert "))" not in limitations + licence  # no "(name (detail))" doubling
     assert ("Flickr30k" in text) == ("Flickr30k" in name)
+
+
+@pytest.mark.parametrize("cwd", ["data", "elsewhere"])  # started where the data lies, or outside it
+def test_card_of_a_run_on_an_absolute_data_path_names_no_local_path(tmp_path, monkeypatch, cwd):
+    data = tmp_path / "data" / "f30k_precomp"
+    data.mkdir(parents=True)
+    for split, n in (("train", 4), ("dev", 2)):
+        np.save(data / f"{split}_ims.npy", np.zeros((n, 3, 12), dtype=np.float32))
+        (data / f"{split}_caps.txt").write_text("\n".join(CAPTIONS * n) + "\n")
+    (tmp_path / cwd).mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path / cwd)
+    run = TrainConfig.from_dict({"data": {"path": str(data), "name": "Flickr30k"}})
+    record = training_card(run, load_split(str(data), "train", 5), load_split(str(data), "dev", 5),
+                           Progress(iteration=7), {"rsum": 1.0})
+    config = AdaptConfig(region_dim=12, latent_size=16, vocab=build_vocab(CAPTIONS), word_vectors="random",
+                         card=record)
+    text = json.dumps(record) + model_card(config)
+    assert record["data"]["path"] == "f30k_precomp" and "(`f30k_precomp`, split `train`)" in text
+    for local in (str(tmp_path), tempfile.gettempdir(), str(Path.home())):
+        assert local.rstrip("/") and local not in text
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -35,6 +36,22 @@ _VARIANTS = {"t2i": "ADAPT-T2I (the caption adapts the image regions)",
 # Terms of the public datasets a card may name (matched in ``data.name``); others: the name itself.
 _DATA_TERMS = {"flickr30k": "Flickr30k: non-commercial research use",
                "coco": "COCO: annotations CC BY 4.0, images under their Flickr licences"}
+
+
+def portable_path(path: str) -> str:
+    """``path`` as a card may show it: never an absolute path of the machine that trained.
+
+    A relative path stays as it is; an absolute one becomes relative to the working folder when it lies
+    inside it (the repository a run was started from), else its last part (``/home/me/data/f30k`` ->
+    ``f30k``). A card is published, and a local path tells a reader nothing but the trainer's home.
+    """
+    given = Path(path)
+    if not given.is_absolute() and ".." not in given.parts:
+        return given.as_posix()
+    try:
+        return given.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return given.resolve().name
 
 
 def model_card(
@@ -87,7 +104,7 @@ def model_card(
                   "new images by itself."]
     lines += ["", "## Training data", ""]
     if data:
-        lines += [f"- dataset: {trained_on} (`{data.get('path', '?')}`, split "
+        lines += [f"- dataset: {trained_on} (`{portable_path(data.get('path', '?'))}`, split "
                   f"`{data.get('train_split', 'train')}`)",
                   f"- {data.get('train_images', '?')} images, {data.get('train_captions', '?')} captions, "
                   f"{data.get('regions_per_image', '?')} regions per image"]
@@ -136,7 +153,8 @@ def training_card(config: TrainConfig, train: Split, val: Split, progress: Progr
                   metrics: dict[str, float]) -> dict[str, Any]:
     """The record of a run for ``AdaptConfig.card``: training data, validation and its metrics, optimiser."""
     return {
-        "data": {"name": config.data.name, "path": config.data.path, "train_split": config.data.train_split,
+        "data": {"name": config.data.name, "path": portable_path(config.data.path),
+                 "train_split": config.data.train_split,
                  "train_images": train.n_images, "train_captions": train.n_captions,
                  "regions_per_image": train.n_regions},
         "validation": {"split": config.data.val_split, "images": val.n_images, "captions": val.n_captions,
