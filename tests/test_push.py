@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, metadata_load
 
 import training.push as push
 from adapt import AdaptConfig, AdaptModel, build_vocab
@@ -149,3 +149,33 @@ def test_card_of_a_run_on_an_absolute_data_path_names_no_local_path(tmp_path, mo
     for local in (str(tmp_path), tempfile.gettempdir(), str(Path.home())):
         assert local.rstrip("/") and local not in text
 
+
+def test_pushed_card_lists_the_datasets_and_test_metrics_in_the_hub_metadata(tmp_path, checkpoint):
+    report = {"split": "test", "protocols": {
+        name: {"metrics": {**{f"{d}_{m}": value + i for i, (d, m) in enumerate(
+            (d, m) for d in ("i2t", "t2i") for m in ("r1", "r5", "r10", "medr", "meanr"))}, "rsum": 6 * value}}
+        for name, value in (("5 folds of 200 images", 60.0), ("1000 images", 40.0))}}
+    out = push.stage(checkpoint, tmp_path / "upload", repo_id="someone/adapt-f30k", datasets=["nlphuji/flickr30k"],
+                     test_report=report)
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.datasets == ["nlphuji/flickr30k"] and card.data.model_name == "adapt-f30k"
+    results = {(r.metric_config, r.metric_type): r for r in card.data.eval_results}
+    assert len(results) == 2 * 7
+    full = results[("1000 images", "t2i_r10")]
+    assert (full.task_type, full.dataset_type, full.dataset_name, full.dataset_split) == (
+        "image-text-retrieval", "nlphuji/flickr30k", "Flickr30k", "test")  # the name from the run's record
+    assert full.metric_value == 47.0 and full.metric_name == "Text→Image R@10 (1000 images)"
+    assert results[("5 folds of 200 images", "i2t_r1")].metric_value == 60.0
+    assert results[("5 folds of 200 images", "rsum")].metric_value == 360.0
+
+    (index,) = metadata_load(out / "README.md")["model-index"]  # the raw YAML in the Hub's layout
+    (entry,) = index["results"]
+    assert entry["dataset"] == {"name": "Flickr30k", "type": "nlphuji/flickr30k", "split": "test"}
+    assert {m["type"] for m in entry["metrics"]} == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+                                                     "rsum"}
+
+
+def test_card_without_test_report_has_no_model_index(checkpoint, tmp_path):
+    out = push.stage(checkpoint, tmp_path / "upload", repo_id="someone/x", datasets=["nlphuji/flickr30k"])
+    assert "model-index" not in metadata_load(out / "README.md")

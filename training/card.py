@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from adapt import AdaptConfig
 from training.config import TrainConfig
@@ -32,6 +32,10 @@ _VARIANTS = {"t2i": "ADAPT-T2I (the caption adapts the image regions)",
              "i2t": "ADAPT-I2T (the image adapts the caption's words)",
              "ensemble": "the ADAPT T2I + I2T ensemble (mean of both similarities)",
              "mean": "the mean-pooling baseline without ADAPT (cosine of the mean region and the mean word)"}
+
+# The metrics a card's model-index lists, with their names on the Hub (``retrieval_metrics`` keys; in percent).
+_INDEX_METRICS = {**{f"{d}_r{k}": f"{name} R@{k}" for d, name in (("i2t", "Image→Text"), ("t2i", "Text→Image"))
+                     for k in (1, 5, 10)}, "rsum": "rsum"}
 
 # Terms of the public datasets a card may name (matched in ``data.name``); others: the name itself.
 _DATA_TERMS = {"flickr30k": "Flickr30k: non-commercial research use",
@@ -54,6 +58,22 @@ def portable_path(path: str) -> str:
         return given.resolve().name
 
 
+def eval_results(test_report: dict[str, Any], *, dataset_id: str, dataset_name: str) -> list[EvalResult]:
+    """The Hub's model-index entries of a test report: R@1/5/10 both ways and rsum for each protocol.
+
+    Args:
+        test_report: a ``python -m training.evaluate --json`` report (its ``split`` and ``protocols``).
+        dataset_id: the Hub dataset id (e.g. ``nlphuji/flickr30k``), or the data's name when it has none.
+        dataset_name: the data's name as a reader knows it (e.g. ``Flickr30k``).
+    """
+    protocols = test_report["protocols"]
+    return [EvalResult(task_type="image-text-retrieval", task_name="Image-text retrieval", dataset_type=dataset_id,
+                       dataset_name=dataset_name, dataset_split=test_report.get("split"), metric_type=key,
+                       metric_name=name if len(protocols) == 1 else f"{name} ({protocol})",
+                       metric_config=protocol, metric_value=round(float(p["metrics"][key]), 2))
+            for protocol, p in protocols.items() for key, name in _INDEX_METRICS.items()]
+
+
 def model_card(
     config: AdaptConfig,
     *,
@@ -69,19 +89,24 @@ def model_card(
             and validation metrics.
         repo_id: the Hub repo, for the usage snippet.
         license: Hub licence id of the weights.
-        datasets: Hub dataset ids for the metadata.
-        test_report: a ``python -m training.evaluate --json`` report.
+        datasets: Hub dataset ids for the metadata; the first one names the test data in the model-index.
+        test_report: a ``python -m training.evaluate --json`` report, rendered as a table and listed in
+            the metadata's model-index.
     """
     card = config.card or {}
     data, validation, training = card.get("data", {}), card.get("validation"), card.get("training")
+    trained_on = data.get("name", "unknown")
+    name = repo_id.split("/")[-1] if repo_id else "ADAPT image-text retrieval"
+    dataset_id = datasets[0] if datasets else trained_on
+    index = eval_results(test_report, dataset_id=dataset_id, dataset_name=data.get("name", dataset_id)
+                         ) if test_report else None
     metadata = ModelCardData(library_name="adapt", license=license, tags=TAGS, datasets=list(datasets) or None,
-                             metrics=["recall"])
+                             metrics=["recall"], model_name=name if index else None, eval_results=index)
     source = repo_id or "path/to/checkpoint"
     variant = _VARIANTS.get(config.similarity, f"ADAPT ({config.similarity})")
-    trained_on = data.get("name", "unknown")
     terms = next((t for key, t in _DATA_TERMS.items() if key in trained_on.lower()), trained_on)
     lines = [
-        f"# {repo_id.split('/')[-1] if repo_id else 'ADAPT image-text retrieval'}", "",
+        f"# {name}", "",
         f"{variant} for image-text retrieval, from Wehrmann et al., *Adaptive Cross-modal Embeddings for "
         f"Image-Text Alignment*, AAAI 2020 ([paper]({PAPER})), trained with the `adapt` library.",
         "",

@@ -1,15 +1,16 @@
 """Publish a checkpoint on the Hugging Face Hub, with a generated model card.
 
-    python -m training.push runs/f30k_t2i/best --repo-id you/adapt-f30k-t2i --metrics f30k_test.json
+    python -m training.push runs/f30k_t2i/best --repo-id you/f30k-t2i --metrics test.json --dataset nlphuji/flickr30k
     python -m training.push runs/f30k_t2i/best --repo-id you/adapt-f30k-t2i --dry-run upload/
 
 The folder that is uploaded holds ``config.json`` and ``model.safetensors`` (re-saved from the
 loaded checkpoint, so it is known to load) and a README.md with Hub metadata (library_name
-``adapt``, licence, tags, datasets, metrics) and the training data, region extractor, architecture
-and metrics. ``AdaptModel.from_pretrained("you/adapt-f30k-t2i")`` and the app load it. The token
-comes from ``--token`` or ``HF_TOKEN``. ``--dry-run DIR`` writes exactly that folder and uploads
-nothing; a real push stages the same folder in a temporary directory and uploads it with
-``HfApi.upload_folder``.
+``adapt``, licence, tags, datasets, and, with ``--metrics``, the test results as a model-index:
+R@1/5/10 both ways and rsum on the test split, under the first ``--dataset`` id) and the training
+data, region extractor, architecture and metrics. ``AdaptModel.from_pretrained("you/adapt-f30k-t2i")``
+and the app load it. The token comes from ``--token`` or ``HF_TOKEN``. ``--dry-run DIR`` writes
+exactly that folder and uploads nothing; a real push stages the same folder in a temporary
+directory and uploads it with ``HfApi.upload_folder``.
 """
 
 from __future__ import annotations
