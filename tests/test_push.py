@@ -141,7 +141,7 @@ def test_card_of_a_run_on_an_absolute_data_path_names_no_local_path(tmp_path, mo
     monkeypatch.chdir(tmp_path / cwd)
     run = TrainConfig.from_dict({"data": {"path": str(data), "name": "Flickr30k"}})
     record = training_card(run, load_split(str(data), "train", 5), load_split(str(data), "dev", 5),
-                           Progress(iteration=7), {"rsum": 1.0})
+                           Progress(iteration=7), REPORT["protocols"]["1000 images"]["metrics"])
     config = AdaptConfig(region_dim=12, latent_size=16, vocab=build_vocab(CAPTIONS), word_vectors="random",
                          card=record)
     text = json.dumps(record) + model_card(config)
