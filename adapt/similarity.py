@@ -154,6 +154,8 @@ class TextToImage(AdaptHead):
     fused paths here and gallery search (:mod:`adapt.search`) all start from them.
     """
 
+    attention_field = "region_attention"  # the Scores field its attention fills
+
     def prepare_images(self, regions: torch.Tensor) -> torch.Tensor:
         """The normalised regions ``B``: ``(n_images, n_regions, d)`` encoded -> same shape,
         contiguous. BatchNorm runs over all images and regions at once, as in the reference."""
@@ -225,6 +227,8 @@ class ImageToText(AdaptHead):
         reference_padding: reproduce the reference: cut captions to 34 tokens and include padding
             in BatchNorm, the fovea softmax and the max-pooling.
     """
+
+    attention_field = "token_attention"
 
     def __init__(
         self, latent_size: int, smooth: float, normalization: str, reference_padding: bool = False
@@ -317,6 +321,8 @@ class MeanPooled(nn.Module):
     Used as the paper-style ablation, and as a query-independent first stage for large galleries.
     """
 
+    attention_field = None  # it has no attention
+
     def forward(
         self,
         regions: torch.Tensor,
@@ -394,8 +400,6 @@ class AdaptiveSimilarity(nn.Module):
                 return_attention=return_attention,
             )
             out.scores = out.scores + scores / len(directions)
-            if return_attention and name == "t2i":
-                out.region_attention = attention
-            elif return_attention:
-                out.token_attention = attention
+            if attention is not None:
+                setattr(out, self.heads[name].attention_field, attention)
         return out
