@@ -332,17 +332,27 @@ def _leading_lengths(
 class MeanPooled(SimilarityHead):
     """The baseline without ADAPT (VSE-style): ``cos(mean of regions, mean of valid words)``.
 
-    Used as the paper-style ablation, and as a query-independent first stage for large galleries.
+    Used as the paper-style ablation, and as a query-independent first stage for large galleries,
+    which indexes :meth:`image_vectors` and queries them with :meth:`caption_vectors`.
     """
+
+    @staticmethod
+    def image_vectors(regions: torch.Tensor) -> torch.Tensor:
+        """``(n_images, n_regions, d)`` encoded regions -> ``(n_images, d)`` unit mean vectors."""
+        return F.normalize(regions.mean(dim=1), dim=-1)
+
+    @staticmethod
+    def caption_vectors(words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """``(n_captions, n_tokens, d)`` encoded words, ``(n_captions, n_tokens)`` mask ->
+        ``(n_captions, d)`` unit mean vectors of the real tokens."""
+        return F.normalize(masked_mean(words, word_mask), dim=-1)
 
     def score_pairs(
         self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, memory_budget_mb: float,
         return_attention: bool,
     ) -> tuple[torch.Tensor, None]:
         """``scores (n_images, n_captions)``; there is no attention to return."""
-        images = F.normalize(regions.mean(dim=1), dim=-1)
-        captions = F.normalize(masked_mean(words, word_mask), dim=-1)
-        return images @ captions.t(), None
+        return self.image_vectors(regions) @ self.caption_vectors(words, word_mask).t(), None
 
 
 class AdaptiveSimilarity(nn.Module):

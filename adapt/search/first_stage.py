@@ -34,10 +34,9 @@ from typing import Literal, Sequence
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from adapt.model import AdaptModel
-from adapt.similarity import masked_mean
+from adapt.similarity import MeanPooled
 
 ANN_MIN_ROWS = 20_000  # below this an exact scan of a shard takes about a millisecond
 REFINE_FACTOR = 8  # the compressed index re-scores exactly this many times the hits asked of it
@@ -53,7 +52,7 @@ def image_vectors(model: AdaptModel, kind: FirstStage, regions: torch.Tensor) ->
     ``regions (n, n_regions, d)`` encoded -> ``(n, 2d)`` for ``"fovea-max"``, ``(n, d)`` for ``"mean"``.
     """
     if kind == "mean":
-        return F.normalize(regions.mean(dim=1), dim=-1)
+        return MeanPooled.image_vectors(regions)
     normed = model.similarity.heads["t2i"].prepare_images(regions)  # (n, n_regions, d)
     return torch.cat([normed.amax(dim=1), normed.amin(dim=1)], dim=-1)
 
@@ -67,7 +66,7 @@ def caption_queries(
     ``"fovea-max"``, ``(n, d)`` unit ``q`` for ``"mean"``.
     """
     if kind == "mean":
-        return F.normalize(masked_mean(words, mask), dim=-1).detach().float().cpu().numpy()
+        return MeanPooled.caption_vectors(words, mask).detach().float().cpu().numpy()
     captions = model.similarity.heads["t2i"].prepare_queries(words, mask)
     return torch.cat([captions.query, captions.scale, captions.shift], dim=-1).detach().float().cpu().numpy()
 
