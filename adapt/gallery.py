@@ -41,8 +41,8 @@ class SearchHit:
         score: its exact ADAPT score for the caption.
         regions: its regions: boxes (in ``image_size`` pixels), detector labels and scores, fills.
             ``features`` is ``(k, 0)`` for a hit of an index, which keeps encoded regions only.
-        region_weights: ``(k,)`` each region's share of the T2I score (the fovea's weights, see
-            :func:`region_shares`), or ``None`` when the search did not use the T2I direction.
+        region_weights: ``(k,)`` each region's share of the T2I score (see :func:`region_shares`),
+            or ``None`` when the search did not use the T2I direction.
         source: a file showing the image (an index's thumbnail or the original path), if known.
     """
 
@@ -81,7 +81,7 @@ def region_shares(terms: torch.Tensor) -> np.ndarray:
     return torch.where(total > 0, positive / total.clamp(min=1e-12), uniform).numpy()
 
 
-def fovea_weights(
+def hit_region_shares(
     model: AdaptModel, encoded: torch.Tensor, words: torch.Tensor, mask: torch.Tensor,
     directions: tuple[str, ...] | None,
 ) -> np.ndarray | None:
@@ -200,7 +200,7 @@ class MemoryGallery:
         results = []
         for q in range(len(captions)):
             best = torch.topk(scores[:, q], min(top_k, len(self))).indices
-            weights = fovea_weights(self.model, self._encoded[best], words[q:q + 1], mask[q:q + 1], directions)
+            weights = hit_region_shares(self.model, self._encoded[best], words[q:q + 1], mask[q:q + 1], directions)
             results.append([
                 SearchHit(self._keys[i], float(scores[i, q]), self._regions[i],
                           None if weights is None else weights[rank], self._sources[i])

@@ -403,7 +403,7 @@ class AdaptiveSimilarity(nn.Module):
             word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
             directions: the heads to use (default: the model's own kind), its own and
                 ``"mean"``; several are averaged.
-            return_attention: also return the fovea weights (see the module docstring).
+            return_attention: also return the attention maps (see the module docstring).
             memory_budget_mb: bound on the pair tensors alive at once, per direction.
         """
         directions = self.directions if directions is None else tuple(directions)

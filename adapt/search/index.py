@@ -10,7 +10,7 @@ ranking.
 
 Results are those of every gallery (:mod:`adapt.gallery`): per caption, its ``top_k``
 :class:`~adapt.gallery.SearchHit`, each with its boxes, the labels and thumbnail stored with it
-(:class:`~adapt.search.shard.ImageDetails`) and the fovea's weights over its regions (one attention
+(:class:`~adapt.search.shard.ImageDetails`) and each region's share of the score (one attention
 pass over the ``top_k`` hits alone).
 
 Sharding and the merge at query time: each shard is self-contained (its arrays and its own FAISS
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adapt.gallery import SearchHit, fovea_weights, merge_top_k
+from adapt.gallery import SearchHit, hit_region_shares, merge_top_k
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
 from adapt.search.fingerprint import fingerprint_differences, model_fingerprint
@@ -409,12 +409,12 @@ class GalleryIndex:
         self, found: list[tuple[float, tuple[int, int]]], words: torch.Tensor, mask: torch.Tensor,
         directions: tuple[str, ...] | None,
     ) -> list[SearchHit]:
-        """One caption's ``(score, (shard, row))`` as :class:`SearchHit`, with the fovea's weights."""
+        """One caption's ``(score, (shard, row))`` as :class:`SearchHit`, with its regions' shares."""
         if not found:
             return []
         where = [location for _, location in found]
         encoded = torch.from_numpy(np.stack([self.shards[s].regions[r] for s, r in where]))
-        weights = fovea_weights(self.model, encoded.to(self.model.device, torch.float32), words, mask, directions)
+        weights = hit_region_shares(self.model, encoded.to(self.model.device, torch.float32), words, mask, directions)
         hits = []
         for rank, (score, (s, r)) in enumerate(found):
             shard = self.shards[s]
