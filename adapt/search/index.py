@@ -26,7 +26,7 @@ and a gallery larger than one machine's RAM is spread over them. For each captio
 
 Only the query and ``(score, id)`` lists cross shard boundaries, never image features: in
 :class:`GalleryIndex` the shards are local folders called in turn, and a remote shard (holding a
-copy of the model) needs to expose just :meth:`Shard.first_stage` and :meth:`Shard.exact_scores`.
+copy of the model) needs to expose just :meth:`Shard.candidates` and :meth:`Shard.exact_scores`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from adapt.gallery import SearchHit, hit_region_shares, merge_top_k
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
 from adapt.search.fingerprint import fingerprint_differences, model_fingerprint
-from adapt.search.first_stage import FIRST_STAGES, FirstStage, caption_queries, image_vectors, vector_size
+from adapt.search.candidates import VECTOR_KINDS, VectorKind, caption_queries, image_vectors, vector_size
 from adapt.search.qdrant import QdrantFirstStage
 from adapt.search.shard import GalleryIndexError, ImageDetails, Shard, boxes_only, write_json
 
@@ -52,6 +52,7 @@ FORMAT_NAME = "adapt-gallery-index"
 # 2: the model's config hash leaves out its extractor, compared by check_extractor;
 # 3: the config recorded field by field, image details, the first stage's backend
 FORMAT_VERSION = 3
+VECTOR_KIND_KEY = "first_stage"  # the manifest's name for the vector kind, kept: every index so far has it
 DEFAULT_SHARD_SIZE = 250_000
 DEFAULT_CANDIDATES = 200  # twice the K that recalled the whole top-10 of 10k to 1M synthetic images
 ENCODE_BATCH = 512  # images per encode_regions call in add()
@@ -120,9 +121,9 @@ class GalleryIndex:
         return int(self._manifest["shard_size"])
 
     @property
-    def first_stage(self) -> FirstStage:
-        """The kind of first-stage vectors, ``"fovea-max"`` or ``"mean"`` (module docstring)."""
-        return self._manifest["first_stage"]
+    def vector_kind(self) -> VectorKind:
+        """The kind of first-stage vectors, ``"fovea-max"`` or ``"mean"`` (:mod:`adapt.search.candidates`)."""
+        return self._manifest[VECTOR_KIND_KEY]
 
     @property
     def n_regions(self) -> int | None:
@@ -142,7 +143,7 @@ class GalleryIndex:
         folder: str | Path,
         model: AdaptModel,
         shard_size: int = DEFAULT_SHARD_SIZE,
-        first_stage: FirstStage | None = None,
+        vector_kind: VectorKind | None = None,
         qdrant: QdrantFirstStage | None = None,
     ) -> "GalleryIndex":
         """Start an empty index in ``folder`` (which must not hold one) for ``model``'s features.
@@ -150,8 +151,8 @@ class GalleryIndex:
         Args:
             shard_size: images per shard: the unit that is preallocated, memory-mapped and can be
                 served from its own machine.
-            first_stage: ``"fovea-max"`` (default when the model has T2I) or ``"mean"`` (default
-                for I2T-only models); see the module docstring.
+            vector_kind: the first stage's vectors, ``"fovea-max"`` (default when the model has
+                T2I) or ``"mean"`` (default for I2T-only models); see :mod:`adapt.search.candidates`.
             qdrant: keep the first-stage vectors in this (new) Qdrant collection instead of a FAISS
                 index per shard (:mod:`adapt.search.qdrant`).
         """
@@ -159,20 +160,20 @@ class GalleryIndex:
         if shard_size < 1:
             raise GalleryIndexError(f"shard_size must be positive, got {shard_size}")
         has_t2i = "t2i" in model.config.directions
-        first_stage = first_stage or ("fovea-max" if has_t2i else "mean")
-        if first_stage not in FIRST_STAGES:
-            raise GalleryIndexError(f"first_stage={first_stage!r} is not one of {FIRST_STAGES}")
-        if first_stage == "fovea-max" and not has_t2i:
-            raise GalleryIndexError("first_stage='fovea-max' is derived from the T2I head and this "
-                                    f"model is {model.config.similarity!r}: use first_stage='mean'")
+        vector_kind = vector_kind or ("fovea-max" if has_t2i else "mean")
+        if vector_kind not in VECTOR_KINDS:
+            raise GalleryIndexError(f"vector_kind={vector_kind!r} is not one of {VECTOR_KINDS}")
+        if vector_kind == "fovea-max" and not has_t2i:
+            raise GalleryIndexError("vector_kind='fovea-max' is derived from the T2I head and this "
+                                    f"model is {model.config.similarity!r}: use vector_kind='mean'")
         if (folder / MANIFEST_NAME).exists():
             raise GalleryIndexError(f"{folder} already holds a gallery index: open it with "
                                     "GalleryIndex.open, or pick an empty folder")
         if qdrant is not None:
-            qdrant.create(vector_size(model, first_stage))
+            qdrant.create(vector_size(model, vector_kind))
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model_fingerprint(model),
-                    "first_stage": first_stage, "backend": {"kind": "faiss"} if qdrant is None else qdrant.describe(),
+                    VECTOR_KIND_KEY: vector_kind, "backend": {"kind": "faiss"} if qdrant is None else qdrant.describe(),
                     "shard_size": shard_size, "n_regions": None, "shards": [], "count": 0}
         write_json(folder / MANIFEST_NAME, manifest)
         return cls(folder, model, manifest, qdrant)
@@ -215,7 +216,7 @@ class GalleryIndex:
                     raise GalleryIndexError(f"{folder}: its Qdrant collection was in a client's memory; pass "
                                             "that client as GalleryIndex.open(..., qdrant=QdrantFirstStage(...))")
                 qdrant = QdrantFirstStage.connect(backend["location"], backend["collection"], folder)
-            qdrant.check(vector_size(model, manifest["first_stage"]))
+            qdrant.check(vector_size(model, manifest[VECTOR_KIND_KEY]))
         elif qdrant is not None:
             raise GalleryIndexError(f"{folder}: its first stage is FAISS, not a Qdrant collection")
         return cls(folder, model, manifest, qdrant)
@@ -256,7 +257,7 @@ class GalleryIndex:
                 shard = self._open_shard()
                 stop = min(n, start + ENCODE_BATCH, start + shard.capacity - shard.count)
                 encoded = self.model.encode_regions(_float_tensor(region_features[start:stop]))
-                vectors = image_vectors(self.model, self.first_stage, encoded).float().cpu().numpy()
+                vectors = image_vectors(self.model, self.vector_kind, encoded).float().cpu().numpy()
                 batch_boxes = (np.full((stop - start, self.n_regions, 4), np.nan, np.float32)
                                if boxes is None else np.asarray(boxes[start:stop], dtype=np.float32))
                 if self.qdrant is not None:
@@ -303,7 +304,7 @@ class GalleryIndex:
             folder = self.folder / f"shard-{len(self.shards):05d}"
             self.shards.append(Shard.allocate(
                 folder, self.shard_size, self.n_regions, self.model.config.latent_size,
-                None if self.qdrant is not None else vector_size(self.model, self.first_stage)))
+                None if self.qdrant is not None else vector_size(self.model, self.vector_kind)))
         return self.shards[-1]
 
     # -- searching ---------------------------------------------------------------------------
@@ -318,9 +319,9 @@ class GalleryIndex:
     def _candidates(self, queries: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard and row of each caption's ``candidates`` best images by first-stage score."""
         if self.qdrant is None:
-            hits = [s.first_stage(self.first_stage, queries, candidates) for s in self.shards]
+            hits = [s.candidates(self.vector_kind, queries, candidates) for s in self.shards]
             return top_candidates([h[0] for h in hits], [h[1] for h in hits], candidates)
-        _, rows = self.qdrant.candidates(self.first_stage, queries, candidates, len(self))
+        _, rows = self.qdrant.candidates(self.vector_kind, queries, candidates, len(self))
         return np.where(rows >= 0, rows // self.shard_size, -1), np.where(rows >= 0, rows % self.shard_size, -1)
 
     @torch.inference_mode()
@@ -347,7 +348,7 @@ class GalleryIndex:
             raise ValueError(f"need 1 <= top_k <= candidates, got top_k={top_k}, "
                              f"candidates={candidates}")
         words, mask = self._encode_captions(captions)
-        shard_of, rows = self._candidates(caption_queries(self.model, self.first_stage, words, mask), candidates)
+        shard_of, rows = self._candidates(caption_queries(self.model, self.vector_kind, words, mask), candidates)
         results = []
         for q in range(len(captions)):
             found = rows[q] >= 0

@@ -2,7 +2,8 @@
 
 An index is a folder::
 
-    manifest.json        model fingerprint, first_stage, n_regions, shard_size, shards and row counts
+    manifest.json        model fingerprint, first_stage (the kind of first-stage vectors), n_regions,
+                         shard_size, shards and row counts
     shard-00000/
         regions.npy      (shard_size, n_regions, d) float16: encoded regions, memory-mapped
         boxes.npy        (shard_size, n_regions, 4) float32: region boxes, NaN where not given
@@ -37,7 +38,7 @@ import torch
 from adapt.io import atomic_write, resize_npy
 from adapt.model import AdaptModel
 from adapt.regions import FILL_LABEL, Regions
-from adapt.search.first_stage import FirstStage, ann_queries, build_ann, extend_ann, pool_size, rescore
+from adapt.search.candidates import VectorKind, ann_queries, build_ann, extend_ann, pool_size, rescore
 
 
 class GalleryIndexError(RuntimeError):
@@ -213,13 +214,13 @@ class Shard:
         if self.ann is not None:
             _write_ann(self.folder / "ann.faiss", self.ann)
 
-    def first_stage(
-        self, kind: FirstStage, queries: np.ndarray, k: int
+    def candidates(
+        self, kind: VectorKind, queries: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """This shard's ``k`` best images for each caption by first-stage score.
 
         Args:
-            kind: the index's first stage.
+            kind: the index's kind of first-stage vectors.
             queries: ``(n_captions, qdim)`` from :func:`caption_queries`.
 
         Returns:
