@@ -40,12 +40,13 @@ import torch
 from tqdm.auto import tqdm
 
 from adapt.gallery import SearchHit, hit_region_shares, merge_top_k
+from adapt.io import atomic_write_json
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
 from adapt.search.fingerprint import fingerprint_differences, model_fingerprint
 from adapt.search.candidates import VECTOR_KINDS, VectorKind, caption_queries, image_vectors, vector_size
 from adapt.search.qdrant import QdrantFirstStage
-from adapt.search.shard import GalleryIndexError, ImageDetails, Shard, boxes_only, write_json
+from adapt.search.shard import GalleryIndexError, ImageDetails, Shard, boxes_only
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "adapt-gallery-index"
@@ -175,7 +176,7 @@ class GalleryIndex:
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model_fingerprint(model),
                     VECTOR_KIND_KEY: vector_kind, "backend": {"kind": "faiss"} if qdrant is None else qdrant.describe(),
                     "shard_size": shard_size, "n_regions": None, "shards": [], "count": 0}
-        write_json(folder / MANIFEST_NAME, manifest)
+        atomic_write_json(folder / MANIFEST_NAME, manifest)
         return cls(folder, model, manifest, qdrant)
 
     @classmethod
@@ -271,7 +272,7 @@ class GalleryIndex:
             self.shards[i].save()
         self._manifest["shards"] = [{"name": s.folder.name, "count": s.count} for s in self.shards]
         self._manifest["count"] = len(self)
-        write_json(self.folder / MANIFEST_NAME, self._manifest)
+        atomic_write_json(self.folder / MANIFEST_NAME, self._manifest)
         self._keys.update(map(str, ids))
 
     def trim(self) -> None:

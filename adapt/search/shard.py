@@ -29,13 +29,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import faiss
 import numpy as np
 import torch
 
-from adapt.io import atomic_write, resize_npy
+from adapt.io import atomic_write, atomic_write_json, resize_npy
 from adapt.model import AdaptModel
 from adapt.regions import FILL_LABEL, Regions
 from adapt.search.candidates import VectorKind, ann_queries, build_ann, extend_ann, pool_size, rescore
@@ -43,11 +43,6 @@ from adapt.search.candidates import VectorKind, ann_queries, build_ann, extend_a
 
 class GalleryIndexError(RuntimeError):
     """An index that cannot be created, opened or used as asked (clear reason in the message)."""
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never half of it."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _write_ann(path: Path, index: faiss.Index) -> None:
@@ -161,7 +156,7 @@ class Shard:
             # open_memmap only extends the file to its full size: sparse until rows are written.
             path = folder / f"{name}.npy"
             np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-        write_json(folder / "ids.json", [])
+        atomic_write_json(folder / "ids.json", [])
         (folder / "details.jsonl").write_bytes(b"")
         if vector_size is not None:
             _write_ann(folder / "ann.faiss", faiss.IndexFlatIP(vector_size))
@@ -210,7 +205,7 @@ class Shard:
 
     def save(self) -> None:
         """Persist the ids and the FAISS index (the arrays and details are already on disk)."""
-        write_json(self.folder / "ids.json", self.ids)
+        atomic_write_json(self.folder / "ids.json", self.ids)
         if self.ann is not None:
             _write_ann(self.folder / "ann.faiss", self.ann)
 
