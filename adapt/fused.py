@@ -40,6 +40,8 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from adapt.io import atomic_write
+
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "fused.cpp"
 _BUILD_LOCK = threading.Lock()  # the app's warm-up thread and a first request may race
@@ -133,10 +135,8 @@ def _load() -> ModuleType | None:
         logger.warning("adapt: fused CPU kernels unavailable (%s); using the PyTorch path, which is "
                        "slower on CPU", e)
         return None
-    # Published whole (copy, then rename): a process that finds it never reads a half-written file.
-    staged = built.with_name(built.name + f".{os.getpid()}.tmp")
-    shutil.copyfile(module.__file__, staged)
-    os.replace(staged, built)
+    # Published whole: a process that finds it never reads a half-written file.
+    atomic_write(built, lambda temporary: shutil.copyfile(module.__file__, temporary))
     return module
 
 
