@@ -5,7 +5,7 @@ kernel with a backward kernel, so inference and training use them. They take flo
 CPU tensors. If the kernels cannot be built, :func:`kernels` returns ``None`` (with a warning) and
 :mod:`adapt.similarity` keeps its plain PyTorch path, which computes the same scores.
 
-Building (about a minute, once per machine type) happens ahead of time with
+Building (once per machine type) happens ahead of time with
 ``python -m adapt.build_kernels``, or else on first use; :func:`warm_up` starts it in the
 background, as the app does at start-up. The build targets the instruction set that torch detects
 at run time (:func:`compile_flags`): AVX2 + FMA where the CPU has them, else the compiler's
@@ -17,10 +17,8 @@ flags), so a cache shared by several machines gives each the build its CPU can r
 ``ADAPT_FUSED=0`` switches the kernels off.
 
 Why not ``-march=native``: besides tying a build to one CPU, it is slower where the compiler
-misjudges the CPU. On this project's 2-core AMD EPYC VM GCC 12 takes it for Zen 1 and prefers
-128-bit vectors: ``-mavx2 -mfma`` runs the four kernels (T2I and I2T, forward and backward)
-1.35-1.45x faster than ``-march=native``, and the SSE2 baseline 1.45-1.9x slower than AVX2 (the
-builds timed in turn in one process, 100 images x 250 captions).
+misjudges the CPU (GCC 12 takes some AMD EPYC virtual machines for Zen 1 and prefers 128-bit
+vectors there, where ``-mavx2 -mfma`` uses 256-bit ones).
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ def compile_flags() -> list[str]:
     ``-mavx2 -mfma`` where torch's run-time dispatch finds AVX2 (which it grants only with FMA),
     nothing for the compiler's baseline elsewhere (SSE2 on x86-64, NEON on ARM64), or
     ``-march=$ADAPT_FUSED_MARCH``. ``-fopenmp-simd`` honours the ``omp simd`` pragmas: without it
-    GCC gives up on the backward's loops (too many possible aliases), which run 3.7x slower.
+    GCC does not vectorise the backward's loops (too many possible aliases).
     """
     march = os.environ.get("ADAPT_FUSED_MARCH")
     if march:
