@@ -185,27 +185,35 @@ def usable(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _save_and_score(ctx: torch.autograd.function.FunctionCtx, kernel: str, inputs: tuple[torch.Tensor, ...],
-                    smooth: float) -> torch.Tensor:
-    """The forward of both Functions: keep the kernel's inputs for the backward, score."""
-    ctx.save_for_backward(*inputs)
-    ctx.smooth = smooth
-    return getattr(_built(), kernel)(*inputs, smooth)
+class _FusedScores(torch.autograd.Function):
+    """What both fused Functions share, each differentiable once: the forward saves only the
+    kernel's inputs and scores; the backward kernel recomputes each pair's fovea, one pair at a
+    time, so training memory stays that of the inputs, and skips pairs with a zero incoming
+    gradient (most of them under a hinge loss late in training)."""
+
+    @staticmethod
+    def score(ctx: torch.autograd.function.FunctionCtx, kernel: str, inputs: tuple[torch.Tensor, ...],
+              smooth: float, with_lengths: bool) -> torch.Tensor:
+        """The forward: keep the kernel's inputs for the backward, score. ``with_lengths``: the
+        second argument of ``apply`` is the captions' lengths, which take no gradient."""
+        ctx.save_for_backward(*inputs)
+        ctx.kernel, ctx.smooth, ctx.with_lengths = kernel, smooth, with_lengths
+        return getattr(_built(), kernel)(*inputs, smooth)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_scores: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        # The kernel gives [grad_locals, grad_scale, grad_shift, grad_query_unit].
+        grad_locals, *grads = getattr(_built(), ctx.kernel + "_backward")(
+            *ctx.saved_tensors, ctx.smooth, grad_scores.contiguous())
+        lengths = (None,) if ctx.with_lengths else ()
+        return (grad_locals, *lengths, *grads, None)  # lengths and smooth get none
 
 
-def _recompute_gradients(ctx: torch.autograd.function.FunctionCtx, kernel: str,
-                         grad_scores: torch.Tensor) -> list[torch.Tensor]:
-    """The backward kernel's ``[grad_locals, grad_scale, grad_shift, grad_query_unit]``."""
-    return getattr(_built(), kernel + "_backward")(*ctx.saved_tensors, ctx.smooth, grad_scores.contiguous())
-
-
-class T2IScores(torch.autograd.Function):
-    """Fused ADAPT-T2I scores, differentiable once (arguments as :func:`t2i_scores`).
-
-    The forward saves only its inputs; the backward kernel recomputes each pair's fovea, one pair
-    at a time, so training memory stays that of the inputs. Pairs with a zero incoming gradient
-    (most of them under a hinge loss late in training) are skipped.
-    """
+class T2IScores(_FusedScores):
+    """Fused ADAPT-T2I scores, differentiable once (arguments as :func:`t2i_scores`)."""
 
     @staticmethod
     def forward(
@@ -217,22 +225,13 @@ class T2IScores(torch.autograd.Function):
         # the exponentials, so they carry no gradient.
         inputs = (images, images.amax(1).contiguous(), images.amin(1).contiguous(),
                   scale.contiguous(), shift.contiguous(), query_unit.contiguous())
-        return _save_and_score(ctx, "t2i_scores", inputs, smooth)
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_scores: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        return (*_recompute_gradients(ctx, "t2i_scores", grad_scores), None)
+        return _FusedScores.score(ctx, "t2i_scores", inputs, smooth, with_lengths=False)
 
 
-class I2TScores(torch.autograd.Function):
+class I2TScores(_FusedScores):
     """Fused ADAPT-I2T scores, differentiable once (arguments as :func:`i2t_scores`).
 
-    As :class:`T2IScores`: the forward saves its inputs, the backward kernel recomputes each
-    pair's fovea and skips pairs with a zero incoming gradient. The max over tokens sends each
-    channel's gradient to its first maximal token; padding gets none.
+    The max over tokens sends each channel's gradient to its first maximal token; padding gets none.
     """
 
     @staticmethod
@@ -247,15 +246,7 @@ class I2TScores(torch.autograd.Function):
                   words.masked_fill(~valid, float("-inf")).amax(1).contiguous(),
                   words.masked_fill(~valid, float("inf")).amin(1).contiguous(),
                   scale.contiguous(), shift.contiguous(), query_unit.contiguous())
-        return _save_and_score(ctx, "i2t_scores", inputs, smooth)
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_scores: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        grad_words, *grads = _recompute_gradients(ctx, "i2t_scores", grad_scores)
-        return (grad_words, None, *grads, None)  # lengths and smooth get none
+        return _FusedScores.score(ctx, "i2t_scores", inputs, smooth, with_lengths=True)
 
 
 def t2i_scores(
