@@ -108,6 +108,23 @@ def merge_top_k(lists: Iterable[Iterable[tuple[float, T]]], k: int) -> list[tupl
     return heapq.nlargest(k, chain.from_iterable(lists), key=lambda hit: hit[0])
 
 
+def best_per_caption(
+    chunks: Iterable[tuple[Sequence[T], np.ndarray]], n_captions: int, top_k: int
+) -> list[list[tuple[float, T]]]:
+    """Each caption's ``top_k`` ``(score, item)``, best first, over a score matrix given in chunks
+    of rows (the captions encoded once, the images scored a chunk at a time).
+
+    Args:
+        chunks: per chunk, the items of its ``m`` rows and their ``(m, n_captions)`` scores.
+    """
+    best: list[list[tuple[float, T]]] = [[] for _ in range(n_captions)]
+    for items, scores in chunks:
+        for q in range(n_captions):
+            top = np.argsort(-scores[:, q], kind="stable")[:top_k]
+            best[q] = merge_top_k([best[q], [(float(scores[i, q]), items[i]) for i in top]], top_k)
+    return best
+
+
 def search_galleries(
     galleries: Sequence[Gallery], captions: Sequence[str], top_k: int = 10,
     *, directions: tuple[str, ...] | None = None,
@@ -197,13 +214,14 @@ class MemoryGallery:
             self._encoded = self.model.encode_regions(features.to(self.model.device))
         words, mask = self.model.encode_text(list(captions))
         scores = self.model.similarity(self._encoded, words, mask, directions=directions).scores  # (n, q)
+        found = best_per_caption([(range(len(self)), scores.float().cpu().numpy())], len(captions), top_k)
         results = []
-        for q in range(len(captions)):
-            best = torch.topk(scores[:, q], min(top_k, len(self))).indices
+        for q, hits in enumerate(found):
+            best = [i for _, i in hits]
             weights = hit_region_shares(self.model, self._encoded[best], words[q:q + 1], mask[q:q + 1], directions)
             results.append([
-                SearchHit(self._keys[i], float(scores[i, q]), self._regions[i],
-                          None if weights is None else weights[rank], self._sources[i])
-                for rank, i in enumerate(best.tolist())
+                SearchHit(self._keys[i], score, self._regions[i], None if weights is None else weights[rank],
+                          self._sources[i])
+                for rank, (score, i) in enumerate(hits)
             ])
         return results

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adapt.gallery import SearchHit, hit_region_shares, merge_top_k
+from adapt.gallery import SearchHit, best_per_caption, hit_region_shares, merge_top_k
 from adapt.io import atomic_write_json
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
@@ -393,18 +393,18 @@ class GalleryIndex:
         words, mask = self._encode_captions(captions)
         d = self.model.config.latent_size
         chunk = max(1, SCORE_BATCH_BYTES // (4 * self.n_regions * d))
-        best: list[list[tuple[float, tuple[int, int]]]] = [[] for _ in captions]
         show = len(self) >= PROGRESS_MIN_ROWS if progress is None else progress
-        with tqdm(total=len(self), unit="img", desc="exhaustive", disable=not show) as bar:
+
+        def chunks(bar: tqdm) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
             for s, shard in enumerate(self.shards):
                 for start in range(0, shard.count, chunk):
                     stop = min(shard.count, start + chunk)
-                    scores = shard.exact_scores(self.model, slice(start, stop), words, mask, directions)
-                    for q in range(len(captions)):
-                        top = np.argsort(-scores[:, q], kind="stable")[:top_k]
-                        new = [(float(scores[i, q]), (s, start + int(i))) for i in top]
-                        best[q] = merge_top_k([best[q], new], top_k)
+                    yield ([(s, row) for row in range(start, stop)],
+                           shard.exact_scores(self.model, slice(start, stop), words, mask, directions))
                     bar.update(stop - start)
+
+        with tqdm(total=len(self), unit="img", desc="exhaustive", disable=not show) as bar:
+            best = best_per_caption(chunks(bar), len(captions), top_k)
         return [self._hits(hits, words[q : q + 1], mask[q : q + 1], directions) for q, hits in enumerate(best)]
 
     def _hits(
