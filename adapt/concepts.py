@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapt.similarity import masked_mean
+
 if TYPE_CHECKING:
     from adapt.encoders import TransformerTextEncoder
     from adapt.model import AdaptModel
@@ -150,8 +152,7 @@ def embed_names(text_encoder: "TransformerTextEncoder", names: list[str]) -> tor
     for start in range(0, len(names), NAME_BATCH):
         batch = text_encoder.tokenize(names[start : start + NAME_BATCH])
         hidden = text_encoder.hidden_states(batch)
-        weights = batch.mask.unsqueeze(-1).to(hidden.dtype)
-        rows.append(F.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1))
+        rows.append(F.normalize(masked_mean(hidden, batch.mask), dim=-1))
     return torch.cat(rows)
 
 

@@ -5,7 +5,7 @@ kernel with a backward kernel, so inference and training use them. They take flo
 CPU tensors. If the kernels cannot be built, :func:`kernels` returns ``None`` (with a warning) and
 :mod:`adapt.similarity` keeps its plain PyTorch path, which computes the same scores.
 
-Building (about a minute, once per machine type) happens ahead of time with
+Building (once per machine type) happens ahead of time with
 ``python -m adapt.build_kernels``, or else on first use; :func:`warm_up` starts it in the
 background, as the app does at start-up. The build targets the instruction set that torch detects
 at run time (:func:`compile_flags`): AVX2 + FMA where the CPU has them, else the compiler's
@@ -17,10 +17,8 @@ flags), so a cache shared by several machines gives each the build its CPU can r
 ``ADAPT_FUSED=0`` switches the kernels off.
 
 Why not ``-march=native``: besides tying a build to one CPU, it is slower where the compiler
-misjudges the CPU. On this project's 2-core AMD EPYC VM GCC 12 takes it for Zen 1 and prefers
-128-bit vectors: ``-mavx2 -mfma`` runs the four kernels (T2I and I2T, forward and backward)
-1.35-1.45x faster than ``-march=native``, and the SSE2 baseline 1.45-1.9x slower than AVX2 (the
-builds timed in turn in one process, 100 images x 250 captions).
+misjudges the CPU (GCC 12 takes some AMD EPYC virtual machines for Zen 1 and prefers 128-bit
+vectors there, where ``-mavx2 -mfma`` uses 256-bit ones).
 """
 
 from __future__ import annotations
@@ -40,6 +38,8 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from adapt.io import atomic_write
+
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "fused.cpp"
 _BUILD_LOCK = threading.Lock()  # the app's warm-up thread and a first request may race
@@ -51,7 +51,7 @@ def compile_flags() -> list[str]:
     ``-mavx2 -mfma`` where torch's run-time dispatch finds AVX2 (which it grants only with FMA),
     nothing for the compiler's baseline elsewhere (SSE2 on x86-64, NEON on ARM64), or
     ``-march=$ADAPT_FUSED_MARCH``. ``-fopenmp-simd`` honours the ``omp simd`` pragmas: without it
-    GCC gives up on the backward's loops (too many possible aliases), which run 3.7x slower.
+    GCC does not vectorise the backward's loops (too many possible aliases).
     """
     march = os.environ.get("ADAPT_FUSED_MARCH")
     if march:
@@ -133,10 +133,8 @@ def _load() -> ModuleType | None:
         logger.warning("adapt: fused CPU kernels unavailable (%s); using the PyTorch path, which is "
                        "slower on CPU", e)
         return None
-    # Published whole (copy, then rename): a process that finds it never reads a half-written file.
-    staged = built.with_name(built.name + f".{os.getpid()}.tmp")
-    shutil.copyfile(module.__file__, staged)
-    os.replace(staged, built)
+    # Published whole: a process that finds it never reads a half-written file.
+    atomic_write(built, lambda temporary: shutil.copyfile(module.__file__, temporary))
     return module
 
 
@@ -187,27 +185,35 @@ def usable(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _save_and_score(ctx: torch.autograd.function.FunctionCtx, kernel: str, inputs: tuple[torch.Tensor, ...],
-                    smooth: float) -> torch.Tensor:
-    """The forward of both Functions: keep the kernel's inputs for the backward, score."""
-    ctx.save_for_backward(*inputs)
-    ctx.smooth = smooth
-    return getattr(_built(), kernel)(*inputs, smooth)
+class _FusedScores(torch.autograd.Function):
+    """What both fused Functions share, each differentiable once: the forward saves only the
+    kernel's inputs and scores; the backward kernel recomputes each pair's fovea, one pair at a
+    time, so training memory stays that of the inputs, and skips pairs with a zero incoming
+    gradient (most of them under a hinge loss late in training)."""
+
+    @staticmethod
+    def score(ctx: torch.autograd.function.FunctionCtx, kernel: str, inputs: tuple[torch.Tensor, ...],
+              smooth: float, with_lengths: bool) -> torch.Tensor:
+        """The forward: keep the kernel's inputs for the backward, score. ``with_lengths``: the
+        second argument of ``apply`` is the captions' lengths, which take no gradient."""
+        ctx.save_for_backward(*inputs)
+        ctx.kernel, ctx.smooth, ctx.with_lengths = kernel, smooth, with_lengths
+        return getattr(_built(), kernel)(*inputs, smooth)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_scores: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        # The kernel gives [grad_locals, grad_scale, grad_shift, grad_query_unit].
+        grad_locals, *grads = getattr(_built(), ctx.kernel + "_backward")(
+            *ctx.saved_tensors, ctx.smooth, grad_scores.contiguous())
+        lengths = (None,) if ctx.with_lengths else ()
+        return (grad_locals, *lengths, *grads, None)  # lengths and smooth get none
 
 
-def _recompute_gradients(ctx: torch.autograd.function.FunctionCtx, kernel: str,
-                         grad_scores: torch.Tensor) -> list[torch.Tensor]:
-    """The backward kernel's ``[grad_locals, grad_scale, grad_shift, grad_query_unit]``."""
-    return getattr(_built(), kernel + "_backward")(*ctx.saved_tensors, ctx.smooth, grad_scores.contiguous())
-
-
-class T2IScores(torch.autograd.Function):
-    """Fused ADAPT-T2I scores, differentiable once (arguments as :func:`t2i_scores`).
-
-    The forward saves only its inputs; the backward kernel recomputes each pair's fovea, one pair
-    at a time, so training memory stays that of the inputs. Pairs with a zero incoming gradient
-    (most of them under a hinge loss late in training) are skipped.
-    """
+class T2IScores(_FusedScores):
+    """Fused ADAPT-T2I scores, differentiable once (arguments as :func:`t2i_scores`)."""
 
     @staticmethod
     def forward(
@@ -219,22 +225,13 @@ class T2IScores(torch.autograd.Function):
         # the exponentials, so they carry no gradient.
         inputs = (images, images.amax(1).contiguous(), images.amin(1).contiguous(),
                   scale.contiguous(), shift.contiguous(), query_unit.contiguous())
-        return _save_and_score(ctx, "t2i_scores", inputs, smooth)
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_scores: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        return (*_recompute_gradients(ctx, "t2i_scores", grad_scores), None)
+        return _FusedScores.score(ctx, "t2i_scores", inputs, smooth, with_lengths=False)
 
 
-class I2TScores(torch.autograd.Function):
+class I2TScores(_FusedScores):
     """Fused ADAPT-I2T scores, differentiable once (arguments as :func:`i2t_scores`).
 
-    As :class:`T2IScores`: the forward saves its inputs, the backward kernel recomputes each
-    pair's fovea and skips pairs with a zero incoming gradient. The max over tokens sends each
-    channel's gradient to its first maximal token; padding gets none.
+    The max over tokens sends each channel's gradient to its first maximal token; padding gets none.
     """
 
     @staticmethod
@@ -249,15 +246,7 @@ class I2TScores(torch.autograd.Function):
                   words.masked_fill(~valid, float("-inf")).amax(1).contiguous(),
                   words.masked_fill(~valid, float("inf")).amin(1).contiguous(),
                   scale.contiguous(), shift.contiguous(), query_unit.contiguous())
-        return _save_and_score(ctx, "i2t_scores", inputs, smooth)
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_scores: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        grad_words, *grads = _recompute_gradients(ctx, "i2t_scores", grad_scores)
-        return (grad_words, None, *grads, None)  # lengths and smooth get none
+        return _FusedScores.score(ctx, "i2t_scores", inputs, smooth, with_lengths=True)
 
 
 def t2i_scores(

@@ -41,8 +41,8 @@ class SearchHit:
         score: its exact ADAPT score for the caption.
         regions: its regions: boxes (in ``image_size`` pixels), detector labels and scores, fills.
             ``features`` is ``(k, 0)`` for a hit of an index, which keeps encoded regions only.
-        region_weights: ``(k,)`` each region's share of the T2I score (the fovea's weights, see
-            :func:`region_shares`), or ``None`` when the search did not use the T2I direction.
+        region_weights: ``(k,)`` each region's share of the T2I score (see :func:`region_shares`),
+            or ``None`` when the search did not use the T2I direction.
         source: a file showing the image (an index's thumbnail or the original path), if known.
     """
 
@@ -81,7 +81,7 @@ def region_shares(terms: torch.Tensor) -> np.ndarray:
     return torch.where(total > 0, positive / total.clamp(min=1e-12), uniform).numpy()
 
 
-def fovea_weights(
+def hit_region_shares(
     model: AdaptModel, encoded: torch.Tensor, words: torch.Tensor, mask: torch.Tensor,
     directions: tuple[str, ...] | None,
 ) -> np.ndarray | None:
@@ -106,6 +106,23 @@ def merge_top_k(lists: Iterable[Iterable[tuple[float, T]]], k: int) -> list[tupl
     shards served anywhere.
     """
     return heapq.nlargest(k, chain.from_iterable(lists), key=lambda hit: hit[0])
+
+
+def best_per_caption(
+    chunks: Iterable[tuple[Sequence[T], np.ndarray]], n_captions: int, top_k: int
+) -> list[list[tuple[float, T]]]:
+    """Each caption's ``top_k`` ``(score, item)``, best first, over a score matrix given in chunks
+    of rows (the captions encoded once, the images scored a chunk at a time).
+
+    Args:
+        chunks: per chunk, the items of its ``m`` rows and their ``(m, n_captions)`` scores.
+    """
+    best: list[list[tuple[float, T]]] = [[] for _ in range(n_captions)]
+    for items, scores in chunks:
+        for q in range(n_captions):
+            top = np.argsort(-scores[:, q], kind="stable")[:top_k]
+            best[q] = merge_top_k([best[q], [(float(scores[i, q]), items[i]) for i in top]], top_k)
+    return best
 
 
 def search_galleries(
@@ -197,13 +214,14 @@ class MemoryGallery:
             self._encoded = self.model.encode_regions(features.to(self.model.device))
         words, mask = self.model.encode_text(list(captions))
         scores = self.model.similarity(self._encoded, words, mask, directions=directions).scores  # (n, q)
+        found = best_per_caption([(range(len(self)), scores.float().cpu().numpy())], len(captions), top_k)
         results = []
-        for q in range(len(captions)):
-            best = torch.topk(scores[:, q], min(top_k, len(self))).indices
-            weights = fovea_weights(self.model, self._encoded[best], words[q:q + 1], mask[q:q + 1], directions)
+        for q, hits in enumerate(found):
+            best = [i for _, i in hits]
+            weights = hit_region_shares(self.model, self._encoded[best], words[q:q + 1], mask[q:q + 1], directions)
             results.append([
-                SearchHit(self._keys[i], float(scores[i, q]), self._regions[i],
-                          None if weights is None else weights[rank], self._sources[i])
-                for rank, i in enumerate(best.tolist())
+                SearchHit(self._keys[i], score, self._regions[i], None if weights is None else weights[rank],
+                          self._sources[i])
+                for rank, (score, i) in enumerate(hits)
             ])
         return results

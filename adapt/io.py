@@ -1,12 +1,13 @@
 """Replacing a file all at once (readers, and a machine that loses power, see the old file or the
-new), and resizing a ``.npy`` array in place."""
+new), JSON files included, and resizing a ``.npy`` array in place."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -22,7 +23,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
 
     Example::
 
-        atomic_write(folder / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest)))
+        atomic_write(folder / "ann.faiss", lambda tmp: faiss.write_index(index, str(tmp)))
     """
     path = Path(path)
     temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
@@ -34,6 +35,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     finally:
         temporary.unlink(missing_ok=True)
     _sync_folder(path.parent)
+
+
+def atomic_write_json(path: str | Path, data: Any, indent: int = 1) -> None:
+    """Replace ``path`` with ``data`` as UTF-8 JSON (``indent`` spaces, a final newline), all at
+    once (:func:`atomic_write`): readers see the old file or the new one, never half of it."""
+    text = json.dumps(data, indent=indent) + "\n"
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def _sync_folder(folder: Path) -> None:

@@ -119,13 +119,52 @@ class Modulation(NamedTuple):
     query_unit: torch.Tensor
 
 
-class AdaptHead(nn.Module):
+class SimilarityHead(nn.Module):
+    """One way to score every image against every caption: a direction of ADAPT or the baseline.
+
+    :meth:`forward` is the call of every head; subclasses implement :meth:`score_pairs`.
+
+    Attributes:
+        attention_field: the :class:`Scores` field its attention fills, ``None`` if it has none.
+    """
+
+    attention_field: str | None = None
+
+    def forward(
+        self,
+        regions: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        *,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score all pairs.
+
+        Args:
+            regions: ``(n_images, n_regions, d)`` encoded regions.
+            words: ``(n_captions, n_tokens, d)`` encoded words.
+            word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
+            memory_budget_mb: bound on the pair tensors alive at once.
+            return_attention: also return the attention (see the module docstring).
+
+        Returns:
+            ``scores (n_images, n_captions)`` and the attention ``(n_images, n_captions, n_locals)``
+            over the regions or words (:attr:`attention_field`), or ``None`` unless asked for.
+        """
+        return self.score_pairs(regions, words, word_mask, memory_budget_mb, return_attention)
+
+    def score_pairs(
+        self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, memory_budget_mb: float,
+        return_attention: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` with every argument given."""
+        raise NotImplementedError
+
+
+class AdaptHead(SimilarityHead):
     """What both ADAPT directions share: the normalisation of the adapted modality's locals, the
     ADAPT layer driven by the other modality's global vector, and the fovea.
-
-    Subclasses score all pairs with ``forward(regions (n_images, n_regions, d), words
-    (n_captions, n_tokens, d), word_mask (n_captions, n_tokens), *, memory_budget_mb,
-    return_attention)`` -> ``scores (n_images, n_captions)`` and the attention or ``None``.
 
     Args:
         latent_size: ``d``.
@@ -154,6 +193,8 @@ class TextToImage(AdaptHead):
     fused paths here and gallery search (:mod:`adapt.search`) all start from them.
     """
 
+    attention_field = "region_attention"
+
     def prepare_images(self, regions: torch.Tensor) -> torch.Tensor:
         """The normalised regions ``B``: ``(n_images, n_regions, d)`` encoded -> same shape,
         contiguous. BatchNorm runs over all images and regions at once, as in the reference."""
@@ -164,29 +205,13 @@ class TextToImage(AdaptHead):
         ``words (n_captions, n_tokens, d)``: ``q`` is the mean of the ``word_mask`` tokens."""
         return self.modulate(masked_mean(words, word_mask))
 
-    def forward(
-        self,
-        regions: torch.Tensor,
-        words: torch.Tensor,
-        word_mask: torch.Tensor,
-        *,
-        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-        return_attention: bool = False,
+    def score_pairs(
+        self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, memory_budget_mb: float,
+        return_attention: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Score all pairs.
-
-        Args:
-            regions: ``(n_images, n_regions, d)`` encoded regions.
-            words: ``(n_captions, n_tokens, d)`` encoded words.
-            word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
-            memory_budget_mb: bound on the pair tensors alive at once.
-            return_attention: also return each region's share of the score (module docstring).
-
-        Returns:
-            ``scores (n_images, n_captions)`` and ``attention (n_images, n_captions, n_regions)``
-            (``None`` unless asked for): the regions' terms of the score, which sum to the score
-            less the caption's ``beta`` term.
-        """
+        """``scores (n_images, n_captions)`` and ``attention (n_images, n_captions, n_regions)``
+        (``None`` unless asked for): the regions' terms of the score, which sum to the score less
+        the caption's ``beta`` term."""
         n_images, n_regions, d = regions.shape
         images = self.prepare_images(regions)
         captions = self.prepare_queries(words, word_mask)
@@ -226,6 +251,8 @@ class ImageToText(AdaptHead):
             in BatchNorm, the fovea softmax and the max-pooling.
     """
 
+    attention_field = "token_attention"
+
     def __init__(
         self, latent_size: int, smooth: float, normalization: str, reference_padding: bool = False
     ) -> None:
@@ -257,21 +284,12 @@ class ImageToText(AdaptHead):
         ``regions (n_images, n_regions, d)``: ``q`` is their mean."""
         return self.modulate(regions.mean(dim=1))
 
-    def forward(
-        self,
-        regions: torch.Tensor,
-        words: torch.Tensor,
-        word_mask: torch.Tensor,
-        *,
-        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-        return_attention: bool = False,
+    def score_pairs(
+        self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, memory_budget_mb: float,
+        return_attention: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Score all pairs; arguments as :meth:`TextToImage.forward`.
-
-        Returns:
-            ``scores (n_images, n_captions)`` and ``attention (n_images, n_captions, n_tokens)``
-            (``None`` unless asked for).
-        """
+        """``scores (n_images, n_captions)`` and ``attention (n_images, n_captions, n_tokens)``
+        (``None`` unless asked for): the fovea mask averaged over the channels."""
         captions, local_mask = self.prepare_captions(words, word_mask)
         n_captions, n_tokens, d = captions.shape
         images = self.prepare_queries(regions)
@@ -311,25 +329,30 @@ def _leading_lengths(
     return lengths if torch.equal(leading, local_mask) else None
 
 
-class MeanPooled(nn.Module):
+class MeanPooled(SimilarityHead):
     """The baseline without ADAPT (VSE-style): ``cos(mean of regions, mean of valid words)``.
 
-    Used as the paper-style ablation, and as a query-independent first stage for large galleries.
+    Used as the paper-style ablation, and as a query-independent first stage for large galleries,
+    which indexes :meth:`image_vectors` and queries them with :meth:`caption_vectors`.
     """
 
-    def forward(
-        self,
-        regions: torch.Tensor,
-        words: torch.Tensor,
-        word_mask: torch.Tensor,
-        *,
-        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-        return_attention: bool = False,
+    @staticmethod
+    def image_vectors(regions: torch.Tensor) -> torch.Tensor:
+        """``(n_images, n_regions, d)`` encoded regions -> ``(n_images, d)`` unit mean vectors."""
+        return F.normalize(regions.mean(dim=1), dim=-1)
+
+    @staticmethod
+    def caption_vectors(words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """``(n_captions, n_tokens, d)`` encoded words, ``(n_captions, n_tokens)`` mask ->
+        ``(n_captions, d)`` unit mean vectors of the real tokens."""
+        return F.normalize(masked_mean(words, word_mask), dim=-1)
+
+    def score_pairs(
+        self, regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, memory_budget_mb: float,
+        return_attention: bool,
     ) -> tuple[torch.Tensor, None]:
         """``scores (n_images, n_captions)``; there is no attention to return."""
-        images = F.normalize(regions.mean(dim=1), dim=-1)
-        captions = F.normalize(masked_mean(words, word_mask), dim=-1)
-        return images @ captions.t(), None
+        return self.image_vectors(regions) @ self.caption_vectors(words, word_mask).t(), None
 
 
 class AdaptiveSimilarity(nn.Module):
@@ -354,7 +377,7 @@ class AdaptiveSimilarity(nn.Module):
     ) -> None:
         super().__init__()
         self.directions = tuple(directions)
-        heads: dict[str, nn.Module] = {}
+        heads: dict[str, SimilarityHead] = {}
         if "t2i" in self.directions:
             heads["t2i"] = TextToImage(latent_size, lambda_t2i, normalization)
         if "i2t" in self.directions:
@@ -380,7 +403,7 @@ class AdaptiveSimilarity(nn.Module):
             word_mask: ``(n_captions, n_tokens)`` bool, True for real tokens.
             directions: the heads to use (default: the model's own kind), its own and
                 ``"mean"``; several are averaged.
-            return_attention: also return the fovea weights (see the module docstring).
+            return_attention: also return the attention maps (see the module docstring).
             memory_budget_mb: bound on the pair tensors alive at once, per direction.
         """
         directions = self.directions if directions is None else tuple(directions)
@@ -394,8 +417,6 @@ class AdaptiveSimilarity(nn.Module):
                 return_attention=return_attention,
             )
             out.scores = out.scores + scores / len(directions)
-            if return_attention and name == "t2i":
-                out.region_attention = attention
-            elif return_attention:
-                out.token_attention = attention
+            if attention is not None:
+                setattr(out, self.heads[name].attention_field, attention)
         return out

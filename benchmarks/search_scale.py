@@ -64,9 +64,9 @@ from adapt.regions import build_extractor
 from adapt.search import (
     ANN_MIN_ROWS,
     DEFAULT_CANDIDATES,
-    FIRST_STAGES,
     POOL_FACTOR,
     REFINE_FACTOR,
+    VECTOR_KINDS,
     GalleryIndex,
     ImageDetails,
     QdrantFirstStage,
@@ -195,7 +195,7 @@ def report(
 
     ``path``: ``"app"`` or ``"qdrant"`` for those paths (module docstring), else the index's own.
     """
-    kind = index.first_stage if path is None else f"{index.first_stage} ({path})"
+    kind = index.vector_kind if path is None else f"{index.vector_kind} ({path})"
     row = {"size": len(index), "first_stage": kind, "candidates": k, "cold": cold,
            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
            "recall": recall_at_10(found[: len(truth)], truth)}
@@ -219,7 +219,7 @@ def plot(rows: list[dict], path: Path) -> None:
                       key=lambda r: r["size"])
         stage, _, route = kind.partition(" (")
         sizes, colour = [r["size"] for r in mine], "black" if cold else PATH_COLOURS.get(route, colours[k])
-        if stage != FIRST_STAGES[0]:
+        if stage != VECTOR_KINDS[0]:
             ax_recall.plot(sizes, [r["recall"] for r in mine], "o:", color=colour, label=f"{kind}, K={k}")
             continue
         label = f"K={k}" + (f", {route.rstrip(')')}" if route else "") + (", regions not in page cache" if cold else "")
@@ -229,7 +229,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax_latency.plot(sizes, [r["p95_ms"] for r in mine], "x--", color=colour, label=f"{label} p95")
     ax_latency.axhline(200, color="grey", lw=0.8, ls=":", label="200 ms target")
     ax_recall.axhline(0.95, color="grey", lw=0.8, ls=":", label="0.95 target")
-    for ax, title, scale in ((ax_latency, f"query latency, {FIRST_STAGES[0]} first stage (ms)", "log"),
+    for ax, title, scale in ((ax_latency, f"query latency, {VECTOR_KINDS[0]} first stage (ms)", "log"),
                              (ax_recall, "recall@10 vs exhaustive ADAPT", "linear")):
         ax.set_xscale("log")
         ax.set_yscale(scale)
@@ -289,18 +289,18 @@ def main() -> None:
     model = load_or_train(args.work / "model", protos, args.train_steps, args.train_batch)
     captions = gallery_images(args.queries, 123_456, protos).captions
     indexes: dict[str, GalleryIndex | None] = {}
-    for kind in (*FIRST_STAGES, "qdrant"):
+    for kind in (*VECTOR_KINDS, "qdrant"):
         shutil.rmtree(args.work / kind, ignore_errors=True)
-    for kind in FIRST_STAGES:
-        indexes[kind] = GalleryIndex.create(args.work / kind, model, first_stage=kind)
+    for kind in VECTOR_KINDS:
+        indexes[kind] = GalleryIndex.create(args.work / kind, model, vector_kind=kind)
     qdrant = GalleryIndex.create(args.work / "qdrant", model,
                                  qdrant=QdrantFirstStage.connect("collection", "search-scale", args.work / "qdrant"))
     placeholder = placeholder_details(args.work)
     rows: list[dict] = []
     try:
         for size in sorted(args.sizes):
-            kinds = [kind for kind in FIRST_STAGES if kind == FIRST_STAGES[0] or size <= args.baseline_max_size]
-            build_s = {kind: grow(indexes[kind], size, protos, placeholder if kind == FIRST_STAGES[0] else None)
+            kinds = [kind for kind in VECTOR_KINDS if kind == VECTOR_KINDS[0] or size <= args.baseline_max_size]
+            build_s = {kind: grow(indexes[kind], size, protos, placeholder if kind == VECTOR_KINDS[0] else None)
                        for kind in kinds}
             if size <= args.qdrant_max_size:
                 build_s["qdrant"] = grow(qdrant, size, protos)
@@ -309,7 +309,7 @@ def main() -> None:
             indexes.update({kind: None for kind in kinds})
             gc.collect()
             indexes.update({kind: GalleryIndex.open(args.work / kind, model) for kind in kinds})
-            index = indexes[FIRST_STAGES[0]]
+            index = indexes[VECTOR_KINDS[0]]
             cold = timed_searches(index, captions, DEFAULT_CANDIDATES, cold=True)  # before anything reads
             n_truth = int(min(args.queries, max(10, args.exhaustive_pairs // size)))
             start = time.perf_counter()

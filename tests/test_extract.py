@@ -160,15 +160,16 @@ def test_resume_after_crash_is_identical_to_an_uninterrupted_run(dataset, ssd, r
 
 def test_crash_between_data_and_progress_writes_no_duplicates(dataset, ssd, reference, tmp_path, monkeypatch):
     saves = []
-    real_write = extract._write_json_atomically
+    real_write = extract.atomic_write_json
 
-    def crash_on_second_save(path, state):
-        saves.append(state["inputs_done"])
-        if len(saves) == 2:
-            raise KeyboardInterrupt  # the batch's rows and lines are on disk, its progress is not
-        real_write(path, state)
+    def crash_on_second_save(path, state, **kwargs):
+        if path.name.endswith("_progress.json"):
+            saves.append(state["inputs_done"])
+            if len(saves) == 2:
+                raise KeyboardInterrupt  # the batch's rows and lines are on disk, its progress is not
+        real_write(path, state, **kwargs)
 
-    monkeypatch.setattr(extract, "_write_json_atomically", crash_on_second_save)
+    monkeypatch.setattr(extract, "atomic_write_json", crash_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         run(dataset, ssd, tmp_path / "resumed", splits=["train"])
     monkeypatch.undo()

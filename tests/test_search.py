@@ -19,7 +19,7 @@ from adapt.search import (
     GalleryIndexError,
     ImageDetails,
     QdrantFirstStage,
-    first_stage,
+    candidates,
     merge_top_k,
     top_candidates,
 )
@@ -148,13 +148,13 @@ def test_first_stage_recall_grows_with_candidates_and_fovea_max_beats_the_mean(
     gallery, tmp_path, model, data
 ):
     images, boxes, ids = data
-    mean = GalleryIndex.create(tmp_path, model, shard_size=128, first_stage="mean")
+    mean = GalleryIndex.create(tmp_path, model, shard_size=128, vector_kind="mean")
     mean.add(images, boxes, ids)
     captions = queries()
     truth = gallery.search_exhaustive(captions, top_k=10)
     assert [keys(r) for r in mean.search_exhaustive(captions, top_k=10)] == [keys(r) for r in truth]
     recalls = {
-        index.first_stage: {k: recall_at_10(index.search(captions, top_k=10, candidates=k), truth)
+        index.vector_kind: {k: recall_at_10(index.search(captions, top_k=10, candidates=k), truth)
                             for k in (10, 20, 40, len(gallery))}
         for index in (gallery, mean)
     }
@@ -186,7 +186,7 @@ def test_fovea_max_score_is_t2i_in_the_limit_of_a_hard_fovea(model):
 def test_large_shard_switches_to_a_compressed_index_that_keeps_exact_scores(
     tmp_path, model, monkeypatch
 ):
-    monkeypatch.setattr(first_stage, "ANN_MIN_ROWS", 1000)
+    monkeypatch.setattr(candidates, "ANN_MIN_ROWS", 1000)
     n = 1200
     images, _ = concept_data(n, seed=3)
     index = GalleryIndex.create(tmp_path, model, shard_size=2000)
@@ -253,12 +253,20 @@ def test_an_index_refuses_a_model_of_another_extractor_but_not_reworded_descript
         GalleryIndex.open(tmp_path, same_weights(identity))
 
 
+def test_the_manifest_keeps_the_first_stage_key_of_indexes_written_before(tmp_path, model, data):
+    images, boxes, ids = data
+    GalleryIndex.create(tmp_path, model, shard_size=64, vector_kind="mean").add(images[:10], boxes[:10], ids[:10])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["first_stage"] == "mean" and "vector_kind" not in manifest
+    assert GalleryIndex.open(tmp_path, model).vector_kind == "mean"
+
+
 def test_bad_inputs_get_clear_errors(tmp_path, model, data):
     images, boxes, ids = data
     i2t = AdaptModel(AdaptConfig(**{**model.config.to_dict(), "similarity": "i2t"}))
-    with pytest.raises(GalleryIndexError, match="use first_stage='mean'"):
-        GalleryIndex.create(tmp_path / "i2t", i2t, first_stage="fovea-max")
-    assert GalleryIndex.create(tmp_path / "i2t", i2t).first_stage == "mean"
+    with pytest.raises(GalleryIndexError, match="use vector_kind='mean'"):
+        GalleryIndex.create(tmp_path / "i2t", i2t, vector_kind="fovea-max")
+    assert GalleryIndex.create(tmp_path / "i2t", i2t).vector_kind == "mean"
     index = GalleryIndex.create(tmp_path, model, shard_size=64)
     with pytest.raises(GalleryIndexError, match="no images yet"):
         index.search(["thing1"])
@@ -349,7 +357,7 @@ def test_a_qdrant_index_reopens_its_local_collection_and_ignores_points_of_a_dea
     index.add(images[:80], boxes[:80], ids[:80])
     # As if an add of 20 more had upserted its points and died before the manifest.
     with torch.inference_mode():
-        vectors = first_stage.image_vectors(model, "fovea-max", model.encode_regions(torch.from_numpy(images[80:100])))
+        vectors = candidates.image_vectors(model, "fovea-max", model.encode_regions(torch.from_numpy(images[80:100])))
     index.qdrant.add(80, vectors.numpy())
     index.close()
     index = GalleryIndex.open(tmp_path, model)

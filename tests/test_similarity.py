@@ -276,3 +276,21 @@ def test_mean_pooled_baseline_is_cosine_of_means():
         for c in range(len(words)):
             expected[i, c] = F.cosine_similarity(regions[i].mean(0), words[c][mask[c]].mean(0), dim=0)
     torch.testing.assert_close(sim(regions, words, mask).scores, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("own,asked", [(("i2t",), ("i2t", "mean")), (("t2i",), ("t2i", "mean")),
+                                       (("t2i", "i2t"), ("mean", "i2t", "t2i"))])
+def test_each_direction_files_its_own_attention_beside_the_baseline(own, asked):
+    sim = randomize(AdaptiveSimilarity(own, D, 10.0, 10.0, "batchnorm")).eval()
+    regions, words, mask = random_inputs()
+    with torch.no_grad():
+        out = sim(regions, words, mask, directions=asked, return_attention=True)
+        alone = {d: sim(regions, words, mask, directions=(d,), return_attention=True) for d in own}
+    if "i2t" in own:
+        torch.testing.assert_close(out.token_attention, alone["i2t"].token_attention)
+    if "t2i" in own:
+        torch.testing.assert_close(out.region_attention, alone["t2i"].region_attention)
+    else:
+        assert out.region_attention is None
+    if "i2t" not in own:
+        assert out.token_attention is None

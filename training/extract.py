@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 from numpy.lib import format as npy_format  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from adapt.io import atomic_write, resize_npy  # noqa: E402
+from adapt.io import atomic_write_json, resize_npy  # noqa: E402
 from adapt.regions import (  # noqa: E402
     BACKENDS,
     DEFAULT_EXTRACTOR,
@@ -194,8 +194,7 @@ def extract_dataset(
             raise ExtractError(f"{out_dir} holds features of another region extractor, but all splits of a "
                                "dataset must come from one; choose another --out folder. Differences:\n  - "
                                + "\n  - ".join(differences))
-    atomic_write(identity_path, lambda tmp: tmp.write_text(json.dumps(extractor.identity, indent=2) + "\n",
-                                                          encoding="utf-8"))
+    atomic_write_json(identity_path, extractor.identity, indent=2)
 
     available = list(dict.fromkeys(record.split for record in records))
     unknown = sorted(set(splits or ()) - set(available))
@@ -250,7 +249,7 @@ def extract_split(
         for path in arrays.values():
             resize_npy(path, state["rows"])
         state["complete"] = True
-        _write_json_atomically(progress_path, state)
+        atomic_write_json(progress_path, state)
     skipped = len(files["skipped"].read_text(encoding="utf-8").splitlines())
     print(f"{split}: {state['rows']} images written to {out_dir}, {skipped} skipped"
           + (f" (listed in {files['skipped'].name})" if skipped else ""), file=sys.stderr)
@@ -318,7 +317,7 @@ def _run_batches(
             state["inputs_done"] = start + len(batch)
             state["rows"] = row + len(regions)
             state["text_bytes"] = {name: handle.tell() for name, handle in handles.items()}
-            _write_json_atomically(progress_path, state)
+            atomic_write_json(progress_path, state)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -330,10 +329,6 @@ def _fingerprint(records: Sequence[ImageRecord], identity: dict[str, Any], capti
     content = json.dumps({"identity": identity, "captions_per_image": captions_per_image,
                           "records": [[r.image, r.captions] for r in records]}, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()
-
-
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ ADAPT-T2I cannot be indexed like a two-tower model: the caption adapts every ima
 scoring one (caption, image) pair costs ``n_regions x d`` exponentials, and exhaustive search over
 a large gallery is far too slow for a query. Search therefore runs in two stages, one module each:
 
-- :mod:`adapt.search.first_stage`: the maths of the first stage, query-independent vectors of
+- :mod:`adapt.search.candidates`: the maths of the first stage, query-independent vectors of
   images and captions (a hard-fovea limit of T2I, or the mean vectors) and the FAISS index over
   the image vectors, which picks ``candidates`` (K) images per caption;
 - :mod:`adapt.search.index`: :class:`GalleryIndex`, the coordinator: it gathers every shard's
@@ -34,12 +34,12 @@ Example::
 """
 
 from adapt.gallery import merge_top_k
-from adapt.search.first_stage import (
+from adapt.search.candidates import (
     ANN_MIN_ROWS,
-    FIRST_STAGES,
     POOL_FACTOR,
     REFINE_FACTOR,
-    FirstStage,
+    VECTOR_KINDS,
+    VectorKind,
     ann_queries,
     build_ann,
     caption_queries,
@@ -55,15 +55,15 @@ __all__ = [
     "ANN_MIN_ROWS",
     "DEFAULT_CANDIDATES",
     "DEFAULT_SHARD_SIZE",
-    "FIRST_STAGES",
     "POOL_FACTOR",
     "REFINE_FACTOR",
-    "FirstStage",
+    "VECTOR_KINDS",
     "GalleryIndex",
     "GalleryIndexError",
     "ImageDetails",
     "QdrantFirstStage",
     "Shard",
+    "VectorKind",
     "ann_queries",
     "build_ann",
     "caption_queries",

@@ -10,7 +10,7 @@ ranking.
 
 Results are those of every gallery (:mod:`adapt.gallery`): per caption, its ``top_k``
 :class:`~adapt.gallery.SearchHit`, each with its boxes, the labels and thumbnail stored with it
-(:class:`~adapt.search.shard.ImageDetails`) and the fovea's weights over its regions (one attention
+(:class:`~adapt.search.shard.ImageDetails`) and each region's share of the score (one attention
 pass over the ``top_k`` hits alone).
 
 Sharding and the merge at query time: each shard is self-contained (its arrays and its own FAISS
@@ -26,32 +26,34 @@ and a gallery larger than one machine's RAM is spread over them. For each captio
 
 Only the query and ``(score, id)`` lists cross shard boundaries, never image features: in
 :class:`GalleryIndex` the shards are local folders called in turn, and a remote shard (holding a
-copy of the model) needs to expose just :meth:`Shard.first_stage` and :meth:`Shard.exact_scores`.
+copy of the model) needs to expose just :meth:`Shard.candidates` and :meth:`Shard.exact_scores`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adapt.gallery import SearchHit, fovea_weights, merge_top_k
+from adapt.gallery import SearchHit, best_per_caption, hit_region_shares, merge_top_k
+from adapt.io import atomic_write_json
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
 from adapt.search.fingerprint import fingerprint_differences, model_fingerprint
-from adapt.search.first_stage import FIRST_STAGES, FirstStage, caption_queries, image_vectors, vector_size
+from adapt.search.candidates import VECTOR_KINDS, VectorKind, caption_queries, image_vectors, vector_size
 from adapt.search.qdrant import QdrantFirstStage
-from adapt.search.shard import GalleryIndexError, ImageDetails, Shard, boxes_only, write_json
+from adapt.search.shard import GalleryIndexError, ImageDetails, Shard, boxes_only
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "adapt-gallery-index"
 # 2: the model's config hash leaves out its extractor, compared by check_extractor;
 # 3: the config recorded field by field, image details, the first stage's backend
 FORMAT_VERSION = 3
+VECTOR_KIND_KEY = "first_stage"  # the manifest's name for the vector kind, kept: every index so far has it
 DEFAULT_SHARD_SIZE = 250_000
 DEFAULT_CANDIDATES = 200  # twice the K that recalled the whole top-10 of 10k to 1M synthetic images
 ENCODE_BATCH = 512  # images per encode_regions call in add()
@@ -120,9 +122,9 @@ class GalleryIndex:
         return int(self._manifest["shard_size"])
 
     @property
-    def first_stage(self) -> FirstStage:
-        """The kind of first-stage vectors, ``"fovea-max"`` or ``"mean"`` (module docstring)."""
-        return self._manifest["first_stage"]
+    def vector_kind(self) -> VectorKind:
+        """The kind of first-stage vectors, ``"fovea-max"`` or ``"mean"`` (:mod:`adapt.search.candidates`)."""
+        return self._manifest[VECTOR_KIND_KEY]
 
     @property
     def n_regions(self) -> int | None:
@@ -142,7 +144,7 @@ class GalleryIndex:
         folder: str | Path,
         model: AdaptModel,
         shard_size: int = DEFAULT_SHARD_SIZE,
-        first_stage: FirstStage | None = None,
+        vector_kind: VectorKind | None = None,
         qdrant: QdrantFirstStage | None = None,
     ) -> "GalleryIndex":
         """Start an empty index in ``folder`` (which must not hold one) for ``model``'s features.
@@ -150,8 +152,8 @@ class GalleryIndex:
         Args:
             shard_size: images per shard: the unit that is preallocated, memory-mapped and can be
                 served from its own machine.
-            first_stage: ``"fovea-max"`` (default when the model has T2I) or ``"mean"`` (default
-                for I2T-only models); see the module docstring.
+            vector_kind: the first stage's vectors, ``"fovea-max"`` (default when the model has
+                T2I) or ``"mean"`` (default for I2T-only models); see :mod:`adapt.search.candidates`.
             qdrant: keep the first-stage vectors in this (new) Qdrant collection instead of a FAISS
                 index per shard (:mod:`adapt.search.qdrant`).
         """
@@ -159,22 +161,22 @@ class GalleryIndex:
         if shard_size < 1:
             raise GalleryIndexError(f"shard_size must be positive, got {shard_size}")
         has_t2i = "t2i" in model.config.directions
-        first_stage = first_stage or ("fovea-max" if has_t2i else "mean")
-        if first_stage not in FIRST_STAGES:
-            raise GalleryIndexError(f"first_stage={first_stage!r} is not one of {FIRST_STAGES}")
-        if first_stage == "fovea-max" and not has_t2i:
-            raise GalleryIndexError("first_stage='fovea-max' is derived from the T2I head and this "
-                                    f"model is {model.config.similarity!r}: use first_stage='mean'")
+        vector_kind = vector_kind or ("fovea-max" if has_t2i else "mean")
+        if vector_kind not in VECTOR_KINDS:
+            raise GalleryIndexError(f"vector_kind={vector_kind!r} is not one of {VECTOR_KINDS}")
+        if vector_kind == "fovea-max" and not has_t2i:
+            raise GalleryIndexError("vector_kind='fovea-max' is derived from the T2I head and this "
+                                    f"model is {model.config.similarity!r}: use vector_kind='mean'")
         if (folder / MANIFEST_NAME).exists():
             raise GalleryIndexError(f"{folder} already holds a gallery index: open it with "
                                     "GalleryIndex.open, or pick an empty folder")
         if qdrant is not None:
-            qdrant.create(vector_size(model, first_stage))
+            qdrant.create(vector_size(model, vector_kind))
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model_fingerprint(model),
-                    "first_stage": first_stage, "backend": {"kind": "faiss"} if qdrant is None else qdrant.describe(),
+                    VECTOR_KIND_KEY: vector_kind, "backend": {"kind": "faiss"} if qdrant is None else qdrant.describe(),
                     "shard_size": shard_size, "n_regions": None, "shards": [], "count": 0}
-        write_json(folder / MANIFEST_NAME, manifest)
+        atomic_write_json(folder / MANIFEST_NAME, manifest)
         return cls(folder, model, manifest, qdrant)
 
     @classmethod
@@ -215,7 +217,7 @@ class GalleryIndex:
                     raise GalleryIndexError(f"{folder}: its Qdrant collection was in a client's memory; pass "
                                             "that client as GalleryIndex.open(..., qdrant=QdrantFirstStage(...))")
                 qdrant = QdrantFirstStage.connect(backend["location"], backend["collection"], folder)
-            qdrant.check(vector_size(model, manifest["first_stage"]))
+            qdrant.check(vector_size(model, manifest[VECTOR_KIND_KEY]))
         elif qdrant is not None:
             raise GalleryIndexError(f"{folder}: its first stage is FAISS, not a Qdrant collection")
         return cls(folder, model, manifest, qdrant)
@@ -256,7 +258,7 @@ class GalleryIndex:
                 shard = self._open_shard()
                 stop = min(n, start + ENCODE_BATCH, start + shard.capacity - shard.count)
                 encoded = self.model.encode_regions(_float_tensor(region_features[start:stop]))
-                vectors = image_vectors(self.model, self.first_stage, encoded).float().cpu().numpy()
+                vectors = image_vectors(self.model, self.vector_kind, encoded).float().cpu().numpy()
                 batch_boxes = (np.full((stop - start, self.n_regions, 4), np.nan, np.float32)
                                if boxes is None else np.asarray(boxes[start:stop], dtype=np.float32))
                 if self.qdrant is not None:
@@ -270,7 +272,7 @@ class GalleryIndex:
             self.shards[i].save()
         self._manifest["shards"] = [{"name": s.folder.name, "count": s.count} for s in self.shards]
         self._manifest["count"] = len(self)
-        write_json(self.folder / MANIFEST_NAME, self._manifest)
+        atomic_write_json(self.folder / MANIFEST_NAME, self._manifest)
         self._keys.update(map(str, ids))
 
     def trim(self) -> None:
@@ -303,7 +305,7 @@ class GalleryIndex:
             folder = self.folder / f"shard-{len(self.shards):05d}"
             self.shards.append(Shard.allocate(
                 folder, self.shard_size, self.n_regions, self.model.config.latent_size,
-                None if self.qdrant is not None else vector_size(self.model, self.first_stage)))
+                None if self.qdrant is not None else vector_size(self.model, self.vector_kind)))
         return self.shards[-1]
 
     # -- searching ---------------------------------------------------------------------------
@@ -318,9 +320,9 @@ class GalleryIndex:
     def _candidates(self, queries: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard and row of each caption's ``candidates`` best images by first-stage score."""
         if self.qdrant is None:
-            hits = [s.first_stage(self.first_stage, queries, candidates) for s in self.shards]
+            hits = [s.candidates(self.vector_kind, queries, candidates) for s in self.shards]
             return top_candidates([h[0] for h in hits], [h[1] for h in hits], candidates)
-        _, rows = self.qdrant.candidates(self.first_stage, queries, candidates, len(self))
+        _, rows = self.qdrant.candidates(self.vector_kind, queries, candidates, len(self))
         return np.where(rows >= 0, rows // self.shard_size, -1), np.where(rows >= 0, rows % self.shard_size, -1)
 
     @torch.inference_mode()
@@ -347,7 +349,7 @@ class GalleryIndex:
             raise ValueError(f"need 1 <= top_k <= candidates, got top_k={top_k}, "
                              f"candidates={candidates}")
         words, mask = self._encode_captions(captions)
-        shard_of, rows = self._candidates(caption_queries(self.model, self.first_stage, words, mask), candidates)
+        shard_of, rows = self._candidates(caption_queries(self.model, self.vector_kind, words, mask), candidates)
         results = []
         for q in range(len(captions)):
             found = rows[q] >= 0
@@ -391,30 +393,30 @@ class GalleryIndex:
         words, mask = self._encode_captions(captions)
         d = self.model.config.latent_size
         chunk = max(1, SCORE_BATCH_BYTES // (4 * self.n_regions * d))
-        best: list[list[tuple[float, tuple[int, int]]]] = [[] for _ in captions]
         show = len(self) >= PROGRESS_MIN_ROWS if progress is None else progress
-        with tqdm(total=len(self), unit="img", desc="exhaustive", disable=not show) as bar:
+
+        def chunks(bar: tqdm) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
             for s, shard in enumerate(self.shards):
                 for start in range(0, shard.count, chunk):
                     stop = min(shard.count, start + chunk)
-                    scores = shard.exact_scores(self.model, slice(start, stop), words, mask, directions)
-                    for q in range(len(captions)):
-                        top = np.argsort(-scores[:, q], kind="stable")[:top_k]
-                        new = [(float(scores[i, q]), (s, start + int(i))) for i in top]
-                        best[q] = merge_top_k([best[q], new], top_k)
+                    yield ([(s, row) for row in range(start, stop)],
+                           shard.exact_scores(self.model, slice(start, stop), words, mask, directions))
                     bar.update(stop - start)
+
+        with tqdm(total=len(self), unit="img", desc="exhaustive", disable=not show) as bar:
+            best = best_per_caption(chunks(bar), len(captions), top_k)
         return [self._hits(hits, words[q : q + 1], mask[q : q + 1], directions) for q, hits in enumerate(best)]
 
     def _hits(
         self, found: list[tuple[float, tuple[int, int]]], words: torch.Tensor, mask: torch.Tensor,
         directions: tuple[str, ...] | None,
     ) -> list[SearchHit]:
-        """One caption's ``(score, (shard, row))`` as :class:`SearchHit`, with the fovea's weights."""
+        """One caption's ``(score, (shard, row))`` as :class:`SearchHit`, with its regions' shares."""
         if not found:
             return []
         where = [location for _, location in found]
         encoded = torch.from_numpy(np.stack([self.shards[s].regions[r] for s, r in where]))
-        weights = fovea_weights(self.model, encoded.to(self.model.device, torch.float32), words, mask, directions)
+        weights = hit_region_shares(self.model, encoded.to(self.model.device, torch.float32), words, mask, directions)
         hits = []
         for rank, (score, (s, r)) in enumerate(found):
             shard = self.shards[s]

@@ -2,7 +2,7 @@
 or by a server or cluster, with the same code.
 
 With :class:`QdrantFirstStage` a :class:`~adapt.search.GalleryIndex` keeps its first-stage vectors
-("fovea-max" or "mean", :mod:`adapt.search.first_stage`) in a Qdrant collection instead of one
+("fovea-max" or "mean", :mod:`adapt.search.candidates`) in a Qdrant collection instead of one
 FAISS index per shard: each image is a point whose id is its row in the whole gallery (shard
 number times ``shard_size`` plus its row in the shard), its vector the first-stage image vector
 under a dot-product distance, its payload that row again. Qdrant finds the ``POOL_FACTOR * K``
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from adapt.search.first_stage import FirstStage, ann_queries, pool_size, rescore
+from adapt.search.candidates import VectorKind, ann_queries, pool_size, rescore
 from adapt.search.shard import GalleryIndexError
 
 UPSERT_BATCH = 1024  # points per upsert request
@@ -133,12 +133,12 @@ class QdrantFirstStage:
                 ids=rows, vectors=chunk.astype(np.float32).tolist(), payloads=[{"row": r} for r in rows]))
 
     def candidates(
-        self, kind: FirstStage, queries: np.ndarray, k: int, count: int
+        self, kind: VectorKind, queries: np.ndarray, k: int, count: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best gallery rows below ``count`` per caption by first-stage score.
 
         Args:
-            queries: ``(n_captions, qdim)`` from :func:`~adapt.search.first_stage.caption_queries`.
+            queries: ``(n_captions, qdim)`` from :func:`~adapt.search.candidates.caption_queries`.
 
         Returns:
             ``scores (n_captions, k')`` and gallery ``rows (n_captions, k')``, best first (``-1``: no hit).

@@ -2,7 +2,8 @@
 
 An index is a folder::
 
-    manifest.json        model fingerprint, first_stage, n_regions, shard_size, shards and row counts
+    manifest.json        model fingerprint, first_stage (the kind of first-stage vectors), n_regions,
+                         shard_size, shards and row counts
     shard-00000/
         regions.npy      (shard_size, n_regions, d) float16: encoded regions, memory-mapped
         boxes.npy        (shard_size, n_regions, 4) float32: region boxes, NaN where not given
@@ -28,25 +29,20 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import faiss
 import numpy as np
 import torch
 
-from adapt.io import atomic_write, resize_npy
+from adapt.io import atomic_write, atomic_write_json, resize_npy
 from adapt.model import AdaptModel
 from adapt.regions import FILL_LABEL, Regions
-from adapt.search.first_stage import FirstStage, ann_queries, build_ann, extend_ann, pool_size, rescore
+from adapt.search.candidates import VectorKind, ann_queries, build_ann, extend_ann, pool_size, rescore
 
 
 class GalleryIndexError(RuntimeError):
     """An index that cannot be created, opened or used as asked (clear reason in the message)."""
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never half of it."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _write_ann(path: Path, index: faiss.Index) -> None:
@@ -160,7 +156,7 @@ class Shard:
             # open_memmap only extends the file to its full size: sparse until rows are written.
             path = folder / f"{name}.npy"
             np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-        write_json(folder / "ids.json", [])
+        atomic_write_json(folder / "ids.json", [])
         (folder / "details.jsonl").write_bytes(b"")
         if vector_size is not None:
             _write_ann(folder / "ann.faiss", faiss.IndexFlatIP(vector_size))
@@ -209,17 +205,17 @@ class Shard:
 
     def save(self) -> None:
         """Persist the ids and the FAISS index (the arrays and details are already on disk)."""
-        write_json(self.folder / "ids.json", self.ids)
+        atomic_write_json(self.folder / "ids.json", self.ids)
         if self.ann is not None:
             _write_ann(self.folder / "ann.faiss", self.ann)
 
-    def first_stage(
-        self, kind: FirstStage, queries: np.ndarray, k: int
+    def candidates(
+        self, kind: VectorKind, queries: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """This shard's ``k`` best images for each caption by first-stage score.
 
         Args:
-            kind: the index's first stage.
+            kind: the index's kind of first-stage vectors.
             queries: ``(n_captions, qdim)`` from :func:`caption_queries`.
 
         Returns:

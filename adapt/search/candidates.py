@@ -1,10 +1,10 @@
-"""The first stage of gallery search: one query-independent vector per image and per caption, and
-the FAISS index over the image vectors.
+"""The first stage of gallery search, which finds the candidates: one query-independent vector per
+image and per caption, and the FAISS index over the image vectors.
 
 Every image gets one vector computed from its regions alone, every caption one computed from its
 words alone. Image vectors are indexed with FAISS under inner product: an exact ``IndexFlatIP``
 while a shard is small, a compressed index with exact refinement once it is large (see
-:func:`build_ann`). Two kinds (``first_stage``):
+:func:`build_ann`). Two kinds (:data:`VectorKind`):
 
 - ``"fovea-max"`` (default for models with T2I, ensembles included, whose T2I head it uses):
   ADAPT-T2I in the limit of a hard fovea. T2I pools ``sum_i M_ic B_ic`` per channel ``c``, with
@@ -34,32 +34,31 @@ from typing import Literal, Sequence
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from adapt.model import AdaptModel
-from adapt.similarity import masked_mean
+from adapt.similarity import MeanPooled
 
 ANN_MIN_ROWS = 20_000  # below this an exact scan of a shard takes about a millisecond
 REFINE_FACTOR = 8  # the compressed index re-scores exactly this many times the hits asked of it
 POOL_FACTOR = 5  # "fovea-max": hits by inner product re-scored with the hard-fovea cosine, per K
 
-FirstStage = Literal["fovea-max", "mean"]
-FIRST_STAGES = ("fovea-max", "mean")
+VectorKind = Literal["fovea-max", "mean"]
+VECTOR_KINDS = ("fovea-max", "mean")
 
 
-def image_vectors(model: AdaptModel, kind: FirstStage, regions: torch.Tensor) -> torch.Tensor:
+def image_vectors(model: AdaptModel, kind: VectorKind, regions: torch.Tensor) -> torch.Tensor:
     """First-stage image vectors (see the module docstring).
 
     ``regions (n, n_regions, d)`` encoded -> ``(n, 2d)`` for ``"fovea-max"``, ``(n, d)`` for ``"mean"``.
     """
     if kind == "mean":
-        return F.normalize(regions.mean(dim=1), dim=-1)
+        return MeanPooled.image_vectors(regions)
     normed = model.similarity.heads["t2i"].prepare_images(regions)  # (n, n_regions, d)
     return torch.cat([normed.amax(dim=1), normed.amin(dim=1)], dim=-1)
 
 
 def caption_queries(
-    model: AdaptModel, kind: FirstStage, words: torch.Tensor, mask: torch.Tensor
+    model: AdaptModel, kind: VectorKind, words: torch.Tensor, mask: torch.Tensor
 ) -> np.ndarray:
     """What the first stage needs of each caption (see the module docstring).
 
@@ -67,12 +66,12 @@ def caption_queries(
     ``"fovea-max"``, ``(n, d)`` unit ``q`` for ``"mean"``.
     """
     if kind == "mean":
-        return F.normalize(masked_mean(words, mask), dim=-1).detach().float().cpu().numpy()
+        return MeanPooled.caption_vectors(words, mask).detach().float().cpu().numpy()
     captions = model.similarity.heads["t2i"].prepare_queries(words, mask)
     return torch.cat([captions.query, captions.scale, captions.shift], dim=-1).detach().float().cpu().numpy()
 
 
-def ann_queries(kind: FirstStage, queries: np.ndarray) -> np.ndarray:
+def ann_queries(kind: VectorKind, queries: np.ndarray) -> np.ndarray:
     """Caption vectors for the inner-product index: ``(n, 3d)`` or ``(n, d)`` -> ``(n, dim)``."""
     if kind == "mean":
         return queries
@@ -81,7 +80,7 @@ def ann_queries(kind: FirstStage, queries: np.ndarray) -> np.ndarray:
     return np.concatenate([weighted * (scale > 0), weighted * (scale < 0)], axis=-1)
 
 
-def first_stage_scores(kind: FirstStage, query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+def first_stage_scores(kind: VectorKind, query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """One caption's first-stage scores of images: ``query`` as from :func:`caption_queries`,
     image ``vectors (m, dim)`` -> ``(m,)``: the hard-fovea T2I cosine, or the cosine of means."""
     if kind == "mean":
@@ -94,7 +93,7 @@ def first_stage_scores(kind: FirstStage, query: np.ndarray, vectors: np.ndarray)
     return pooled @ mean_word / np.maximum(norms, 1e-12)
 
 
-def pool_size(kind: FirstStage, k: int) -> int:
+def pool_size(kind: VectorKind, k: int) -> int:
     """Hits asked of the inner-product index to keep ``k`` candidates: ``POOL_FACTOR * k`` for
     ``"fovea-max"`` (re-scored by :func:`rescore`), ``k`` for ``"mean"`` (whose inner product is
     its score)."""
@@ -102,7 +101,7 @@ def pool_size(kind: FirstStage, k: int) -> int:
 
 
 def rescore(
-    kind: FirstStage, queries: np.ndarray, found: Sequence[np.ndarray], vectors: Sequence[np.ndarray], k: int
+    kind: VectorKind, queries: np.ndarray, found: Sequence[np.ndarray], vectors: Sequence[np.ndarray], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of each caption's pool of hits by first-stage score, whatever index found them.
 
@@ -126,7 +125,7 @@ def rescore(
     return scores, rows
 
 
-def vector_size(model: AdaptModel, kind: FirstStage) -> int:
+def vector_size(model: AdaptModel, kind: VectorKind) -> int:
     """Floats per first-stage image vector: ``2d`` for ``"fovea-max"``, ``d`` for ``"mean"``."""
     return model.config.latent_size * (2 if kind == "fovea-max" else 1)
 
