@@ -58,8 +58,8 @@ from adapt.regions.bottom_up_net import (
     BoxHeadOutput,
     load_weights,
 )
-from adapt.regions.faster_rcnn import _hub_file, _sha256
 from adapt.regions.image import DEFAULT_MAX_PIXELS, shrink_to_max_side
+from adapt.regions.weights import locate_weights, source_kwargs, weights_fingerprint
 
 # An attribute joins the label ("red bus") from this probability on (among the 400 attributes), as
 # the bottom-up-attention demos draw them.
@@ -212,16 +212,15 @@ class BottomUpAttentionExtractor(RegionExtractor):
         if num_proposals < 1:
             raise ValueError(f"num_proposals must be at least 1, got {num_proposals}")
         self.short_side, self.max_side, self.num_proposals = int(short_side), int(max_side), int(num_proposals)
-        if weights is not None:
-            self.weights_source: dict[str, Any] = {"path": str(Path(weights).resolve())}
-        else:
-            self.weights_source = {"repo_id": repo_id, "filename": filename, "revision": revision}
-            weights = _hub_file(repo_id, filename, revision, cache_dir, local_files_only)
+        weights_file, self.weights_source = locate_weights(weights, repo_id, filename, revision, cache_dir,
+                                                           local_files_only)
+        if weights_file is None:
+            raise ValueError(f"{self.name} needs its weights: a local weights file or a Hub repo_id")
         # Built without memory (meta device): the file's tensors become the parameters.
         with torch.device("meta"):
             model = BottomUpAttentionNet()
-        load_weights(model, Path(weights))
-        self.weights_id = "sha256:" + _sha256(Path(weights))
+        load_weights(model, weights_file)
+        self.weights_id = weights_fingerprint(weights_file)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.objects = load_vocabulary(objects_vocab, NUM_CLASSES) if objects_vocab else None
         self.attributes = load_vocabulary(attributes_vocab, NUM_ATTRIBUTES) if attributes_vocab else None
@@ -259,11 +258,8 @@ class BottomUpAttentionExtractor(RegionExtractor):
 
     @classmethod
     def kwargs_from_identity(cls, identity: dict[str, Any]) -> dict[str, Any]:
-        source = identity.get("weights_source") or {}
-        located = {"weights": source["path"]} if "path" in source else {
-            key: source[key] for key in ("repo_id", "filename", "revision") if key in source}
         preprocessing = identity["preprocessing"]
-        return {**super().kwargs_from_identity(identity), **located,
+        return {**super().kwargs_from_identity(identity), **source_kwargs(identity),
                 "min_regions": identity["selection"]["min_regions"],
                 "short_side": preprocessing["short_side"], "max_side": preprocessing["max_side"],
                 "num_proposals": preprocessing["num_proposals"]}
