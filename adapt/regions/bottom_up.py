@@ -33,16 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from torchvision.ops import clip_boxes_to_image, nms
+from torchvision.ops import nms
 
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
-    FILL_LABEL,
     WORKING_MAX_SIDE,
     ExtractorError,
     RegionExtractor,
     Regions,
-    box_geometry,
     fill_boxes,
     fit_size,
 )
@@ -281,21 +279,9 @@ class BottomUpAttentionExtractor(RegionExtractor):
         extra = fill_boxes(n_whole, input_w, input_h), fill_boxes(n_fill, input_w, input_h)
         whole, fills = (self.model.roi_heads.pool(out.res4, boxes.to(self.device)).float().cpu() for boxes in extra)
         features = torch.cat([whole, out.features[kept].float().cpu(), fills])
-        width, height = image.size
-        to_image = torch.tensor([width / input_w, height / input_h] * 2)
         boxes = torch.cat([extra[0], out.proposals[kept].float().cpu(), extra[1]])
-        image_boxes = clip_boxes_to_image(boxes * to_image, (height, width))
-        if self.with_geometry:
-            features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
-        return Regions(
-            boxes=image_boxes.numpy().astype(np.float32),
-            features=features.numpy().astype(np.float32),
-            labels=[FILL_LABEL] * n_whole + self._labels(out, kept) + [FILL_LABEL] * n_fill,
-            scores=torch.cat([torch.zeros(n_whole), confidence[kept].float().cpu(),
-                              torch.zeros(n_fill)]).numpy().astype(np.float32),
-            is_fill=np.array([True] * n_whole + [False] * len(kept) + [True] * n_fill),
-            image_size=(width, height),
-        )
+        return self._build_regions(boxes, (input_w, input_h), features, self._labels(out, kept),
+                                   confidence[kept].float().cpu(), n_whole, image.size)
 
     def _labels(self, out: BoxHeadOutput, kept: torch.Tensor) -> list[str]:
         object_ids = out.class_probs[kept, :NUM_CLASSES].argmax(dim=1).tolist()

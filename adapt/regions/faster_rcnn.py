@@ -25,7 +25,7 @@ from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     Detections,
     ExtractorError,
-    RegionExtractor,
+    PooledRegionExtractor,
     fit_size,
 )
 from adapt.regions.image import DEFAULT_MAX_PIXELS
@@ -35,7 +35,7 @@ RANDOM_WEIGHTS_SEED = 0
 C5_LAYER = "3"  # IntermediateLayerGetter's name for ResNet layer4 in torchvision's FPN backbone
 
 
-class FasterRcnnExtractor(RegionExtractor):
+class FasterRcnnExtractor(PooledRegionExtractor):
     """Faster R-CNN R50-FPN detections (91 COCO outputs), C5 features (``feature_dim`` 2048 or 2053).
 
     Args:

@@ -22,7 +22,7 @@ from torch import nn
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     Detections,
-    RegionExtractor,
+    PooledRegionExtractor,
     fit_size,
     package_file,
 )
@@ -37,7 +37,7 @@ BACKBONE_WEIGHTS = "efficientnet-lite0-57934424.pth"
 BACKBONE_STRIDE = 32
 
 
-class SsdEfficientNetExtractor(RegionExtractor):
+class SsdEfficientNetExtractor(PooledRegionExtractor):
     """SSD-MobileNet-v2 COCO detections, EfficientNet-Lite0 features (``feature_dim`` 1280 or 1285).
 
     Resolution: the detector sees the image stretched to 300x300 (as it was trained). The backbone
