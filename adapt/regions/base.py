@@ -12,10 +12,8 @@ head (bottom-up attention, ``bottom_up.py``) derives from :class:`RegionExtracto
 
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -245,7 +243,8 @@ class RegionExtractor(ABC):
         """
         (width, height), (boxes_w, boxes_h) = image_size, boxes_size
         n_fill = len(boxes) - n_whole - len(labels)
-        image_boxes = clip_boxes_to_image(boxes * torch.tensor([width / boxes_w, height / boxes_h] * 2), (height, width))
+        to_image = torch.tensor([width / boxes_w, height / boxes_h] * 2)
+        image_boxes = clip_boxes_to_image(boxes * to_image, (height, width))
         if self.with_geometry:
             features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
         return Regions(
@@ -297,19 +296,6 @@ class PooledRegionExtractor(RegionExtractor):
     @abstractmethod
     def _detect(self, images: list[Image.Image]) -> list[Detections]:
         """Detections and a whole-image feature map for each RGB image (working size)."""
-
-
-def package_file(package: tuple[str, str], filename: str) -> Path:
-    """A model file shipped inside an installed package ``(module, requirement)``, found without
-    importing the package (some import modules that are absent here)."""
-    module, requirement = package
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ExtractorError(f"the region extractor needs the package {requirement}: pip install '{requirement}'")
-    path = Path(next(iter(spec.submodule_search_locations)), "models", filename)
-    if not path.is_file():
-        raise ExtractorError(f"{path} is missing; reinstall it: pip install --force-reinstall '{requirement}'")
-    return path
 
 
 def fill_boxes(count: int, width: float, height: float) -> torch.Tensor:

