@@ -25,13 +25,12 @@ from adapt.device import pick_device
 from adapt.regions.coco_names import coco_name
 from adapt.regions.identity import IDENTITY_FORMAT
 from adapt.regions.image import ImageSource, load_image, shrink_to_max_side
+from adapt.regions.scene import SCENE_DIM, SceneClassifier
 
 DEFAULT_NUM_REGIONS = 36
 GEOMETRY_DIM = 5
 # Detector class scores appended with ``with_labels``: one slot per COCO category id 1-90.
 LABEL_DIM = 90
-# Whole-image ImageNet class probabilities appended with ``with_scene`` (adapt.regions.scene).
-SCENE_DIM = 1000
 FILL_LABEL = ""
 # Images are first shrunk to this longest side: every backend works at a lower resolution anyway,
 # and it bounds memory and time for huge (up to max_pixels) inputs. Boxes are mapped back.
@@ -41,10 +40,6 @@ WORKING_MAX_SIDE = 2048
 # each, which costs 4x more (~40 ms per image for 36 boxes on a 1280-channel map, one core).
 ROI_OUTPUT_SIZE = 2
 ROI_SAMPLING_RATIO = 0
-
-
-class ExtractorError(RuntimeError):
-    """An extractor that cannot be built: missing model files, unreadable or unfitting weights."""
 
 
 @dataclass(frozen=True)
@@ -138,9 +133,6 @@ class RegionExtractor(ABC):
         self.num_regions = int(num_regions)
         self.with_geometry = bool(with_geometry)
         self.with_labels = bool(with_labels)
-        # Imported here: adapt.regions.scene builds on this module.
-        from adapt.regions.scene import SceneClassifier
-
         self.scene = SceneClassifier() if with_scene else None
         self.whole_image = bool(whole_image)
         self.score_threshold = float(score_threshold)

@@ -38,7 +38,6 @@ from torchvision.ops import nms
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     WORKING_MAX_SIDE,
-    ExtractorError,
     RegionExtractor,
     Regions,
     fill_boxes,
@@ -57,7 +56,7 @@ from adapt.regions.bottom_up_net import (
     load_weights,
 )
 from adapt.regions.image import DEFAULT_MAX_PIXELS, shrink_to_max_side
-from adapt.regions.weights import locate_weights, source_kwargs, weights_fingerprint
+from adapt.regions.weights import ExtractorError, locate_weights, source_kwargs, weights_fingerprint
 
 # An attribute joins the label ("red bus") from this probability on (among the 400 attributes), as
 # the bottom-up-attention demos draw them.

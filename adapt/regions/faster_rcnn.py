@@ -24,12 +24,11 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     Detections,
-    ExtractorError,
     PooledRegionExtractor,
     fit_size,
 )
 from adapt.regions.image import DEFAULT_MAX_PIXELS
-from adapt.regions.weights import locate_weights, source_kwargs, weights_fingerprint
+from adapt.regions.weights import ExtractorError, locate_weights, source_kwargs, weights_fingerprint
 
 RANDOM_WEIGHTS_SEED = 0
 C5_LAYER = "3"  # IntermediateLayerGetter's name for ResNet layer4 in torchvision's FPN backbone

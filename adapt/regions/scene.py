@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from adapt.regions.base import SCENE_DIM, ExtractorError
-from adapt.regions.ssd import SSD_PACKAGE
-from adapt.regions.weights import package_model
+from adapt.regions.weights import SSD_PACKAGE, ExtractorError, package_model
 
 SCENE_MODEL = "efficientnet_lite3.tflite"
+SCENE_DIM = 1000  # ImageNet-1k classes, appended to every region's features with ``with_scene``
 RUNTIME_REQUIREMENT = "ai-edge-litert==2.3.0"
 
 

