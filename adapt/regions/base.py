@@ -37,7 +37,7 @@ FILL_LABEL = ""
 WORKING_MAX_SIDE = 2048
 # RoI-align to 2x2 bins with torchvision's adaptive sampling (about one bilinear sample per feature-map
 # cell), then the mean: the box's average feature. Within 0.999 cosine of 7x7 bins with 2x2 samples
-# each, which costs 4x more (~40 ms per image for 36 boxes on a 1280-channel map, one core).
+# each, which costs about 4x more.
 ROI_OUTPUT_SIZE = 2
 ROI_SAMPLING_RATIO = 0
 

@@ -5,10 +5,7 @@ The classifier is EfficientNet-Lite3 (int8 TFLite, ``efficientnet_lite3.tflite``
 ``ai-edge-litert``). Its 1000 classes are ImageNet-1k's in torchvision's order, the order of
 EfficientNet-Lite0's head. Lite3 is the stronger classifier (about 79 % ImageNet top-1 against
 Lite0's 75 %), and it sees the whole photo at its own input size rather than a RoI-pooled cell
-average. On the real-photo set it is the best single concept source: whole-image ConSE with its
-probabilities scores R@1 70/72 (image->text / text->image, all 50 photos), against 60/64 with the
-Lite0 head on the whole-image region. :mod:`adapt.concepts` mixes it into every region's concept
-vector as the scene's context.
+average. :mod:`adapt.concepts` mixes it into every region's concept vector as the scene's context.
 """
 
 from __future__ import annotations

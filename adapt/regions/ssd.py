@@ -43,8 +43,7 @@ class SsdEfficientNetExtractor(PooledRegionExtractor):
     sees it scaled to a shorter side of ``short_side`` = 384 px (the longer side capped at
     ``max_side`` = 640 px), both sides rounded to multiples of the 32-px stride: a 4:3 photo gives a
     12x16 feature map. Lite0 was trained at 224 px (a 7x7 map, too coarse for 36 boxes); 384 px
-    resolves small boxes at about 3x the cost of 224 px. An image costs about 0.2 CPU-seconds, half
-    detection, half features (``benchmarks/extract_speed.py``).
+    resolves small boxes at a higher cost (``benchmarks/extract_speed.py`` measures it).
 
     Args:
         num_regions, with_geometry, with_labels, with_scene, whole_image, max_pixels, device: see :class:`RegionExtractor`.
@@ -103,11 +102,10 @@ class SsdEfficientNetExtractor(PooledRegionExtractor):
                 "max_side": preprocessing["backbone_max_side"]}
 
     def _detect(self, images: list[Image.Image]) -> list[Detections]:
-        # One image at a time: on CPU, batching costs more per image in both models (measured
-        # 10-35% more CPU time, and more memory); on a GPU the detector, on the CPU, dominates anyway.
-        # The detector (OpenCV, one core) runs in a worker thread while the backbone (torch) runs
-        # here: both release the GIL, so the two overlap (benchmarks/extract_speed.py: 4.7 -> 5.4
-        # images/s on 2 cores).
+        # One image at a time: on CPU, batching costs more per image in both models (more CPU time
+        # and memory); on a GPU the detector, on the CPU, dominates anyway. The detector (OpenCV, one
+        # core) runs in a worker thread while the backbone (torch) runs here: both release the GIL,
+        # so the two overlap (benchmarks/extract_speed.py measures the gain).
         detections = []
         for image in images:
             boxes = self._detector_thread.submit(self._run_detector, image)
