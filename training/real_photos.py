@@ -19,7 +19,6 @@ photo is not ranked first, with what was ranked first instead.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,32 +30,18 @@ from PIL import Image
 
 from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
 from adapt.regions import Regions, load_image
+from adapt.resources import installed_path
 from training.metrics import retrieval_metrics
 
 DEFAULT_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "real_photos.json"
 SPLITS = ("select", "holdout")
 
 
-def _package_folder(module: str, *parts: str) -> Path | None:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)), *parts)
-
-
-def _matplotlib_sample_data() -> Path | None:
-    if importlib.util.find_spec("matplotlib") is None:
-        return None
-    import matplotlib
-
-    return Path(matplotlib.get_data_path()) / "sample_data"
-
-
 # Where each source keeps its photos; None when the package is not installed.
 SOURCES: dict[str, Callable[[], Path | None]] = {
-    "skimage": lambda: _package_folder("skimage", "data"),
-    "scikit-learn": lambda: _package_folder("sklearn", "datasets", "images"),
-    "matplotlib": _matplotlib_sample_data,
+    "skimage": lambda: installed_path("skimage", "data"),
+    "scikit-learn": lambda: installed_path("sklearn", "datasets", "images"),
+    "matplotlib": lambda: installed_path("matplotlib", "mpl-data", "sample_data"),
     "opencv-doc": lambda: Path("/usr/share/doc/opencv-doc/examples/data"),
     "tuxpaint": lambda: Path("/usr/share/tuxpaint/stamps"),
 }

@@ -14,7 +14,7 @@ Example::
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     FILL_LABEL,
-    ExtractorError,
+    PooledRegionExtractor,
     RegionExtractor,
     Regions,
     box_geometry,
@@ -27,6 +27,7 @@ from adapt.regions.faster_rcnn import FasterRcnnExtractor
 from adapt.regions.identity import ExtractorMismatchError, check_extractor, comparable_identity, identity_differences
 from adapt.regions.image import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_image, shrink_to_max_side
 from adapt.regions.ssd import SsdEfficientNetExtractor
+from adapt.regions.weights import ExtractorError
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +42,7 @@ __all__ = [
     "FasterRcnnExtractor",
     "ImageError",
     "ImageSource",
+    "PooledRegionExtractor",
     "RegionExtractor",
     "Regions",
     "SsdEfficientNetExtractor",

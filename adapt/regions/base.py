@@ -2,19 +2,18 @@
 deterministic fills, RoI pooling, box geometry, and the extractor identity (its check is
 :mod:`adapt.regions.identity`).
 
-A backend only implements :meth:`RegionExtractor._detect` (detections + one backbone feature map per
-image) and :meth:`RegionExtractor._backend_identity`; everything that decides which boxes become
-regions and how they turn into vectors lives here, so all backends behave alike. The one exception
-is a detector whose published features are defined by their own selection and per-box head
-(bottom-up attention, ``bottom_up.py``): it overrides :meth:`RegionExtractor._extract_loaded`.
+A COCO backend derives from :class:`PooledRegionExtractor` and only implements its ``_detect``
+(detections + one backbone feature map per image) and ``_backend_identity``; everything that
+decides which boxes become regions and how they turn into vectors lives here, so those backends
+behave alike. A detector whose published features are defined by their own selection and per-box
+head (bottom-up attention, ``bottom_up.py``) derives from :class:`RegionExtractor` and implements
+``_extract_loaded`` itself, building its result with the same ``_build_regions``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -26,26 +25,21 @@ from adapt.device import pick_device
 from adapt.regions.coco_names import coco_name
 from adapt.regions.identity import IDENTITY_FORMAT
 from adapt.regions.image import ImageSource, load_image, shrink_to_max_side
+from adapt.regions.scene import SCENE_DIM, SceneClassifier
 
 DEFAULT_NUM_REGIONS = 36
 GEOMETRY_DIM = 5
 # Detector class scores appended with ``with_labels``: one slot per COCO category id 1-90.
 LABEL_DIM = 90
-# Whole-image ImageNet class probabilities appended with ``with_scene`` (adapt.regions.scene).
-SCENE_DIM = 1000
 FILL_LABEL = ""
 # Images are first shrunk to this longest side: every backend works at a lower resolution anyway,
 # and it bounds memory and time for huge (up to max_pixels) inputs. Boxes are mapped back.
 WORKING_MAX_SIDE = 2048
 # RoI-align to 2x2 bins with torchvision's adaptive sampling (about one bilinear sample per feature-map
 # cell), then the mean: the box's average feature. Within 0.999 cosine of 7x7 bins with 2x2 samples
-# each, which costs 4x more (~40 ms per image for 36 boxes on a 1280-channel map, one core).
+# each, which costs about 4x more.
 ROI_OUTPUT_SIZE = 2
 ROI_SAMPLING_RATIO = 0
-
-
-class ExtractorError(RuntimeError):
-    """An extractor that cannot be built: missing model files, unreadable or unfitting weights."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +86,8 @@ class Detections:
 class RegionExtractor(ABC):
     """Turns images into ``k`` boxes with one feature vector each (see :class:`Regions`).
 
-    Subclasses set :attr:`name` and :attr:`backbone_dim` and implement :meth:`_detect` and
-    :meth:`_backend_identity`.
+    Subclasses set :attr:`name` and :attr:`backbone_dim` and implement :meth:`_extract_loaded`
+    and :meth:`_backend_identity` (or derive from :class:`PooledRegionExtractor`).
 
     Args:
         num_regions: ``k``, the number of regions per image (36 in the paper).
@@ -139,9 +133,6 @@ class RegionExtractor(ABC):
         self.num_regions = int(num_regions)
         self.with_geometry = bool(with_geometry)
         self.with_labels = bool(with_labels)
-        # Imported here: adapt.regions.scene builds on this module.
-        from adapt.regions.scene import SceneClassifier
-
         self.scene = SceneClassifier() if with_scene else None
         self.whole_image = bool(whole_image)
         self.score_threshold = float(score_threshold)
@@ -222,6 +213,49 @@ class RegionExtractor(ABC):
             results.extend(self._extract_loaded(loaded))
         return results
 
+    @abstractmethod
+    def _extract_loaded(self, images: list[Image.Image]) -> list[Regions]:
+        """The regions of each loaded RGB image (original size)."""
+
+    @abstractmethod
+    def _backend_identity(self) -> dict[str, Any]:
+        """Identity fields of the backend: at least ``weights`` and ``preprocessing``."""
+
+    def _build_regions(self, boxes: torch.Tensor, boxes_size: tuple[int, int], features: torch.Tensor,
+                       labels: list[str], scores: torch.Tensor, n_whole: int, image_size: tuple[int, int]) -> Regions:
+        """:class:`Regions` from the selected boxes: the whole image first when ``n_whole`` is 1, then
+        the detections, then fills; appends the box geometry ``with_geometry``.
+
+        Args:
+            boxes: (k, 4) boxes in pixels of an image of ``boxes_size`` ``(w, h)`` (a resized copy).
+            features: (k, C) float32 region features, before the geometry.
+            labels: the n detections' class names; scores: their (n,) scores.
+            n_whole: 1 when the first box is the whole image, else 0.
+            image_size: ``(width, height)`` of the loaded image, which the boxes are mapped to.
+        """
+        (width, height), (boxes_w, boxes_h) = image_size, boxes_size
+        n_fill = len(boxes) - n_whole - len(labels)
+        to_image = torch.tensor([width / boxes_w, height / boxes_h] * 2)
+        image_boxes = clip_boxes_to_image(boxes * to_image, (height, width))
+        if self.with_geometry:
+            features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
+        return Regions(
+            boxes=image_boxes.numpy().astype(np.float32),
+            features=features.numpy().astype(np.float32),
+            labels=[FILL_LABEL] * n_whole + labels + [FILL_LABEL] * n_fill,
+            scores=torch.cat([torch.zeros(n_whole), scores, torch.zeros(n_fill)]).numpy().astype(np.float32),
+            is_fill=np.array([True] * n_whole + [False] * len(labels) + [True] * n_fill),
+            image_size=(width, height),
+        )
+
+
+class PooledRegionExtractor(RegionExtractor):
+    """A detector's boxes, each RoI-pooled from one whole-image feature map: the shared selection
+    (score floor, class-agnostic NMS, deterministic fills) and pooling of the COCO backends.
+
+    Subclasses implement :meth:`_detect` and :meth:`_backend_identity`.
+    """
+
     @torch.inference_mode()
     def _extract_loaded(self, images: list[Image.Image]) -> list[Regions]:
         working = [shrink_to_max_side(image, WORKING_MAX_SIDE) for image in images]
@@ -230,7 +264,6 @@ class RegionExtractor(ABC):
                 for image, work, det in zip(images, working, detections, strict=True)]
 
     def _regions(self, image_size: tuple[int, int], working: Image.Image, det: Detections) -> Regions:
-        width, height = image_size
         work_w, work_h = working.size
         boxes = clip_boxes_to_image(det.boxes.float().cpu(), (work_h, work_w))
         scores = det.scores.float().cpu()
@@ -244,45 +277,17 @@ class RegionExtractor(ABC):
         whole = fill_boxes(n_whole, work_w, work_h)
         work_boxes = torch.cat([whole, boxes[kept], fill_boxes(n_fill, work_w, work_h)])
         features = pool_regions(det.feature_map, work_boxes, det.feature_scale)
-        to_image = torch.tensor([width / work_w, height / work_h] * 2)
-        image_boxes = clip_boxes_to_image(work_boxes * to_image, (height, width))
         class_ids = det.class_ids.cpu()[kept].long()
         if self.with_labels:
             features = torch.cat([features, label_scores(class_ids, scores[kept], n_whole, n_fill)], dim=1)
         if self.scene is not None:
             features = torch.cat([features, torch.from_numpy(self.scene(working)).expand(len(features), -1)], dim=1)
-        if self.with_geometry:
-            features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
-        return Regions(
-            boxes=image_boxes.numpy().astype(np.float32),
-            features=features.numpy().astype(np.float32),
-            labels=[FILL_LABEL] * n_whole + [coco_name(int(c)) for c in class_ids] + [FILL_LABEL] * n_fill,
-            scores=torch.cat([torch.zeros(n_whole), scores[kept], torch.zeros(n_fill)]).numpy().astype(np.float32),
-            is_fill=np.array([True] * n_whole + [False] * len(kept) + [True] * n_fill),
-            image_size=(width, height),
-        )
-
-    def _detect(self, images: list[Image.Image]) -> list[Detections]:
-        """Detections and a whole-image feature map for each RGB image (working size); a backend
-        implements this, or overrides :meth:`_extract_loaded` when it selects and pools its own way."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither _detect nor _extract_loaded")
+        return self._build_regions(work_boxes, (work_w, work_h), features, [coco_name(int(c)) for c in class_ids],
+                                   scores[kept], n_whole, image_size)
 
     @abstractmethod
-    def _backend_identity(self) -> dict[str, Any]:
-        """Identity fields of the backend: at least ``weights`` and ``preprocessing``."""
-
-
-def package_file(package: tuple[str, str], filename: str) -> Path:
-    """A model file shipped inside an installed package ``(module, requirement)``, found without
-    importing the package (some import modules that are absent here)."""
-    module, requirement = package
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ExtractorError(f"the region extractor needs the package {requirement}: pip install '{requirement}'")
-    path = Path(next(iter(spec.submodule_search_locations)), "models", filename)
-    if not path.is_file():
-        raise ExtractorError(f"{path} is missing; reinstall it: pip install --force-reinstall '{requirement}'")
-    return path
+    def _detect(self, images: list[Image.Image]) -> list[Detections]:
+        """Detections and a whole-image feature map for each RGB image (working size)."""
 
 
 def fill_boxes(count: int, width: float, height: float) -> torch.Tensor:

@@ -33,16 +33,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from torchvision.ops import clip_boxes_to_image, nms
+from torchvision.ops import nms
 
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
-    FILL_LABEL,
     WORKING_MAX_SIDE,
-    ExtractorError,
     RegionExtractor,
     Regions,
-    box_geometry,
     fill_boxes,
     fit_size,
 )
@@ -58,8 +55,8 @@ from adapt.regions.bottom_up_net import (
     BoxHeadOutput,
     load_weights,
 )
-from adapt.regions.faster_rcnn import _hub_file, _sha256
 from adapt.regions.image import DEFAULT_MAX_PIXELS, shrink_to_max_side
+from adapt.regions.weights import ExtractorError, locate_weights, source_kwargs, weights_fingerprint
 
 # An attribute joins the label ("red bus") from this probability on (among the 400 attributes), as
 # the bottom-up-attention demos draw them.
@@ -212,16 +209,15 @@ class BottomUpAttentionExtractor(RegionExtractor):
         if num_proposals < 1:
             raise ValueError(f"num_proposals must be at least 1, got {num_proposals}")
         self.short_side, self.max_side, self.num_proposals = int(short_side), int(max_side), int(num_proposals)
-        if weights is not None:
-            self.weights_source: dict[str, Any] = {"path": str(Path(weights).resolve())}
-        else:
-            self.weights_source = {"repo_id": repo_id, "filename": filename, "revision": revision}
-            weights = _hub_file(repo_id, filename, revision, cache_dir, local_files_only)
+        weights_file, self.weights_source = locate_weights(weights, repo_id, filename, revision, cache_dir,
+                                                           local_files_only)
+        if weights_file is None:
+            raise ValueError(f"{self.name} needs its weights: a local weights file or a Hub repo_id")
         # Built without memory (meta device): the file's tensors become the parameters.
         with torch.device("meta"):
             model = BottomUpAttentionNet()
-        load_weights(model, Path(weights))
-        self.weights_id = "sha256:" + _sha256(Path(weights))
+        load_weights(model, weights_file)
+        self.weights_id = weights_fingerprint(weights_file)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.objects = load_vocabulary(objects_vocab, NUM_CLASSES) if objects_vocab else None
         self.attributes = load_vocabulary(attributes_vocab, NUM_ATTRIBUTES) if attributes_vocab else None
@@ -259,11 +255,8 @@ class BottomUpAttentionExtractor(RegionExtractor):
 
     @classmethod
     def kwargs_from_identity(cls, identity: dict[str, Any]) -> dict[str, Any]:
-        source = identity.get("weights_source") or {}
-        located = {"weights": source["path"]} if "path" in source else {
-            key: source[key] for key in ("repo_id", "filename", "revision") if key in source}
         preprocessing = identity["preprocessing"]
-        return {**super().kwargs_from_identity(identity), **located,
+        return {**super().kwargs_from_identity(identity), **source_kwargs(identity),
                 "min_regions": identity["selection"]["min_regions"],
                 "short_side": preprocessing["short_side"], "max_side": preprocessing["max_side"],
                 "num_proposals": preprocessing["num_proposals"]}
@@ -285,21 +278,9 @@ class BottomUpAttentionExtractor(RegionExtractor):
         extra = fill_boxes(n_whole, input_w, input_h), fill_boxes(n_fill, input_w, input_h)
         whole, fills = (self.model.roi_heads.pool(out.res4, boxes.to(self.device)).float().cpu() for boxes in extra)
         features = torch.cat([whole, out.features[kept].float().cpu(), fills])
-        width, height = image.size
-        to_image = torch.tensor([width / input_w, height / input_h] * 2)
         boxes = torch.cat([extra[0], out.proposals[kept].float().cpu(), extra[1]])
-        image_boxes = clip_boxes_to_image(boxes * to_image, (height, width))
-        if self.with_geometry:
-            features = torch.cat([features, box_geometry(image_boxes, width, height)], dim=1)
-        return Regions(
-            boxes=image_boxes.numpy().astype(np.float32),
-            features=features.numpy().astype(np.float32),
-            labels=[FILL_LABEL] * n_whole + self._labels(out, kept) + [FILL_LABEL] * n_fill,
-            scores=torch.cat([torch.zeros(n_whole), confidence[kept].float().cpu(),
-                              torch.zeros(n_fill)]).numpy().astype(np.float32),
-            is_fill=np.array([True] * n_whole + [False] * len(kept) + [True] * n_fill),
-            image_size=(width, height),
-        )
+        return self._build_regions(boxes, (input_w, input_h), features, self._labels(out, kept),
+                                   confidence[kept].float().cpu(), n_whole, image.size)
 
     def _labels(self, out: BoxHeadOutput, kept: torch.Tensor) -> list[str]:
         object_ids = out.class_probs[kept, :NUM_CLASSES].argmax(dim=1).tolist()

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes, roi_pool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from adapt.regions.base import ExtractorError
+from adapt.regions.weights import ExtractorError
 
 PUBLISHED_REPO = "unc-nlp/frcnn-vg-finetuned"
 PUBLISHED_FILE = "pytorch_model.bin"

@@ -9,15 +9,12 @@ weights (useful for tests only: its boxes and features mean nothing).
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -27,17 +24,17 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     Detections,
-    ExtractorError,
-    RegionExtractor,
+    PooledRegionExtractor,
     fit_size,
 )
 from adapt.regions.image import DEFAULT_MAX_PIXELS
+from adapt.regions.weights import ExtractorError, locate_weights, source_kwargs, weights_fingerprint
 
 RANDOM_WEIGHTS_SEED = 0
 C5_LAYER = "3"  # IntermediateLayerGetter's name for ResNet layer4 in torchvision's FPN backbone
 
 
-class FasterRcnnExtractor(RegionExtractor):
+class FasterRcnnExtractor(PooledRegionExtractor):
     """Faster R-CNN R50-FPN detections (91 COCO outputs), C5 features (``feature_dim`` 2048 or 2053).
 
     Args:
@@ -87,24 +84,19 @@ class FasterRcnnExtractor(RegionExtractor):
         self.min_size = int(min_size)
         self.max_size = int(max_size)
         self.num_proposals = int(num_proposals)
-        if weights is not None:
-            self.weights_source: dict[str, Any] = {"path": str(Path(weights).resolve())}
-        elif repo_id is not None:
-            self.weights_source = {"repo_id": repo_id, "filename": filename, "revision": revision}
-            weights = _hub_file(repo_id, filename, revision, cache_dir, local_files_only)
-        else:
-            self.weights_source = {}
+        weights_file, self.weights_source = locate_weights(weights, repo_id, filename, revision, cache_dir,
+                                                           local_files_only)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             model = fasterrcnn_resnet50_fpn(
                 weights=None, weights_backbone=None, min_size=self.min_size, max_size=self.max_size,
                 box_score_thresh=self.score_threshold, rpn_pre_nms_top_n_test=self.num_proposals,
                 rpn_post_nms_top_n_test=self.num_proposals)
-        if weights is None:
+        if weights_file is None:
             self.weights_id = f"random-seed{RANDOM_WEIGHTS_SEED}"
         else:
-            _load_weights(model, Path(weights))
-            self.weights_id = "sha256:" + _sha256(Path(weights))
+            _load_weights(model, weights_file)
+            self.weights_id = weights_fingerprint(weights_file)
         self.model = model.to(self.device).eval()
 
     def _backend_identity(self) -> dict[str, Any]:
@@ -122,11 +114,8 @@ class FasterRcnnExtractor(RegionExtractor):
 
     @classmethod
     def kwargs_from_identity(cls, identity: dict[str, Any]) -> dict[str, Any]:
-        source = identity.get("weights_source") or {}
-        located = {"weights": source["path"]} if "path" in source else {
-            key: source[key] for key in ("repo_id", "filename", "revision") if key in source}
         preprocessing = identity["preprocessing"]
-        return {**super().kwargs_from_identity(identity), **located,
+        return {**super().kwargs_from_identity(identity), **source_kwargs(identity),
                 "min_size": preprocessing["min_size"], "max_size": preprocessing["max_size"],
                 "num_proposals": preprocessing["num_proposals"]}
 
@@ -153,16 +142,6 @@ class FasterRcnnExtractor(RegionExtractor):
         return detections
 
 
-def _hub_file(repo_id: str, filename: str, revision: str | None, cache_dir: str | Path | None,
-              local_files_only: bool) -> str:
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                               local_files_only=local_files_only)
-    except (EntryNotFoundError, OSError) as e:
-        raise ExtractorError(f"cannot get {filename} from the Hub repo {repo_id} (revision {revision or 'main'}): "
-                             f"{e}; check the names, your connection, or pass a local weights file") from e
-
-
 def _load_weights(model: nn.Module, path: Path) -> None:
     """Load a Faster R-CNN state dict into ``model``, naming any key or shape that does not fit."""
     try:
@@ -185,7 +164,3 @@ def _load_weights(model: nn.Module, path: Path) -> None:
                              f"missing {missing[:5]} ({len(missing)} in all), "
                              f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)} in all)")
 
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

