@@ -9,17 +9,34 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 SimilarityKind = Literal["t2i", "i2t", "ensemble", "mean"]
 TextEncoderKind = Literal["gru", "transformer"]
 RegionEncoderKind = Literal["linear", "concepts"]
 Normalization = Literal["batchnorm", "none"]
 CONFIG_FORMAT = 1  # the layout this code writes and the newest it reads
+ABSENT = "<absent>"  # what field_differences shows for a field that one side lacks and has no default
 
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""
+
+
+def field_differences(first: Mapping[str, Any], second: Mapping[str, Any], labels: tuple[str, str],
+                      defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """A ``field: <labels[0]> X, <labels[1]> Y`` line for each field in which two flat records
+    (configs, extractor identities, fingerprints) differ, sorted by field.
+
+    A field that one side lacks counts as its value in ``defaults``, else as :data:`ABSENT`.
+    """
+    defaults = defaults or {}
+    lines = []
+    for key in sorted(first.keys() | second.keys()):
+        was, now = (side.get(key, defaults.get(key, ABSENT)) for side in (first, second))
+        if was != now:
+            lines.append(f"{key}: {labels[0]} {was!r}, {labels[1]} {now!r}")
+    return lines
 
 
 def _check_format(version: Any) -> None:

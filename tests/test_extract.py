@@ -11,7 +11,7 @@ from skimage import data
 
 import training.extract as extract
 from adapt.regions import SsdEfficientNetExtractor
-from training.data import load_split
+from training.data import load_image_rows, load_split
 from training.extract import EXTRACTOR_FILE, ExtractError, ImageRecord, extract_dataset, main, read_records
 
 K = 36
@@ -116,8 +116,11 @@ def test_output_files(dataset, ssd, reference):
     images, _ = dataset
     out = reference
     train = load_split(out, "train")  # the reader training uses
-    assert train.features.shape == (3, K, 1280) and train.boxes.shape == (3, K, 4)
-    assert train.image_ids == ["cat.jpg", "my%20astronaut.png", "camera.png"], "input order, no holes"
+    rows = load_image_rows(out, "train")  # and a gallery index
+    assert train.features.shape == (3, K, 1280) and rows.boxes.shape == (3, K, 4)
+    assert (out / "train_ids.txt").read_text().split() == ["cat.jpg", "my%20astronaut.png", "camera.png"]
+    assert rows.ids == ["cat.jpg", "my astronaut.png", "camera.png"], "input order, no holes, unquoted"
+    assert all((images / name).is_file() for name in rows.ids), "an id finds its image again"
     assert train.captions[:6] == [f"caption {i} of the cat.jpg photo" for i in range(5)] + [
         "caption 0 of the my astronaut.png photo"]
     assert len(train.captions) == 15, "the cat's 6th caption is dropped"
@@ -129,8 +132,8 @@ def test_output_files(dataset, ssd, reference):
     for row, name in enumerate(["cat.jpg", "my astronaut.png", "camera.png"]):
         expected = ssd.extract(images / name)
         np.testing.assert_allclose(train.features[row], expected.features, atol=1e-4)
-        np.testing.assert_allclose(train.boxes[row], expected.boxes, atol=1e-3)
-    assert load_split(out, "dev").image_ids == ["val2014/cup.jpg"]
+        np.testing.assert_allclose(rows.boxes[row], expected.boxes, atol=1e-3)
+    assert load_image_rows(out, "dev").ids == ["val2014/cup.jpg"]
     assert load_split(out, "test").features.shape == (1, K, 1280)
     assert not (out / "dev_skipped.txt").read_text()
 

@@ -1,6 +1,7 @@
 """The bundled model on real photos: right on the real-photo set and the app's examples, and its
 highlight follows the caption onto the object the caption names."""
 
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from torchvision.ops import box_iou
 
 from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
 from training.real_photos import (
-    conse_reference_scores, format_metrics, installed, misses, read_set, real_photo_scores, split_metrics,
+    DEFAULT_SET, conse_reference_scores, format_metrics, installed, misses, read_set, real_photo_scores,
+    split_metrics,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +38,11 @@ def test_the_set_lists_real_photos_with_one_caption_each():
     assert len({p.name for p in photos}) == len(photos) and len({p.caption for p in photos}) == len(photos)
     assert sum(p.source == "tuxpaint" for p in photos) <= len(photos) / 3
     assert {p.split for p in photos} == {"select", "holdout"}
+
+
+def test_the_set_is_installed_with_the_training_package():
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert DEFAULT_SET.parent == ROOT / "training" and DEFAULT_SET.name in package_data["training"]
 
 
 def test_real_photos_rank_their_caption_and_photo_first(retriever):

@@ -8,7 +8,8 @@ A dataset is a folder in the SCAN / VSE++ "precomp" layout, optionally with the 
 ``{split}_caps.txt``       ``captions_per_image`` (5) lines per image, in image order; the
                            reference code's name ``{split}_caps.en.txt`` is read too
 ``{split}_boxes.npy``      optional ``(n_images, n_regions, 4)`` region boxes
-``{split}_ids.txt``        optional image ids, one a line (one a caption is accepted too)
+``{split}_ids.txt``        optional image ids, one a line (one a caption is accepted too),
+                           URL-quoted as ``training/extract.py`` writes them: read back unquoted
 ``extractor.json``         optional identity of the region extractor (``AdaptConfig.extractor``)
 =========================  ====================================================================
 
@@ -23,6 +24,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
+from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -52,8 +54,6 @@ class Split:
         features: ``(n_images, n_regions, region_dim)``, memory-mapped (read-only).
         captions: ``n_images * captions_per_image`` strings.
         captions_per_image: 5 for Flickr30k and COCO.
-        boxes: ``(n_images, n_regions, 4)`` memory-mapped boxes, when the files have them.
-        image_ids: one id per image, when the files have them.
         extractor: the region extractor's identity from ``extractor.json``, if present.
     """
 
@@ -62,8 +62,6 @@ class Split:
     features: np.ndarray
     captions: list[str]
     captions_per_image: int = CAPTIONS_PER_IMAGE
-    boxes: np.ndarray | None = None
-    image_ids: list[str] | None = None
     extractor: dict[str, Any] | None = None
 
     @property
@@ -91,8 +89,6 @@ class Split:
             self,
             features=self.features[start:stop],
             captions=self.captions[start * k : stop * k],
-            boxes=None if self.boxes is None else self.boxes[start:stop],
-            image_ids=None if self.image_ids is None else self.image_ids[start:stop],
         )
 
     def region_features(self, indices: Sequence[int] | np.ndarray | slice) -> torch.Tensor:
@@ -159,11 +155,31 @@ def resolve_extractor(split: Split, name: str | None) -> dict[str, Any] | None:
     return identity
 
 
-def load_split(root: str | Path, split: str, captions_per_image: int = CAPTIONS_PER_IMAGE) -> Split:
-    """Read one split of a dataset folder (features memory-mapped), checking every file's shape.
+@dataclass
+class ImageRows:
+    """The image side of a split, one row per image: what a gallery index needs of it.
+
+    Attributes:
+        features: ``(n_images, n_regions, region_dim)``, memory-mapped (read-only).
+        boxes: ``(n_images, n_regions, 4)`` memory-mapped boxes, when the files have them.
+        ids: one id per image (for our own features its path relative to the images folder),
+            when the files have them.
+    """
+
+    features: np.ndarray
+    boxes: np.ndarray | None = None
+    ids: list[str] | None = None
+
+
+def load_image_rows(root: str | Path, split: str, captions_per_image: int = CAPTIONS_PER_IMAGE) -> ImageRows:
+    """Read the features, boxes and image ids of one split (arrays memory-mapped), checking their shapes.
+
+    Ids are URL-unquoted: ``training/extract.py`` quotes each image's path so that it holds no
+    whitespace, and an id is used to find the image's file again.
 
     Raises:
-        DatasetError: a file is missing or unreadable, shapes disagree, or a caption is empty.
+        DatasetError: the folder or its features are missing, or a file is unreadable or has the
+            wrong shape.
     """
     root = Path(root)
     if not root.is_dir():
@@ -178,22 +194,6 @@ def load_split(root: str | Path, split: str, captions_per_image: int = CAPTIONS_
                            f"region_dim), got {features.dtype} {features.shape}")
     n_images = features.shape[0]
 
-    captions_path = caption_file(root, split)
-    # Split on "\n" only, as the reference's readlines(): str.splitlines() (and text mode's
-    # newline translation of a lone "\r") would also break a caption at characters such as U+2028
-    # and shift every later caption to the wrong image.
-    captions = captions_path.read_bytes().decode("utf-8").split("\n")
-    if captions[-1] == "":
-        captions.pop()
-    if len(captions) != n_images * captions_per_image:
-        raise DatasetError(
-            f"{captions_path}: {len(captions)} captions for the {n_images} images of {features_path.name}; "
-            f"expected {captions_per_image} per image = {n_images * captions_per_image}"
-        )
-    empty = [i + 1 for i, c in enumerate(captions) if not tokenize(c)]
-    if empty:
-        raise DatasetError(f"{captions_path}: lines {empty[:10]}{' ...' if len(empty) > 10 else ''} have no words")
-
     boxes = None
     boxes_path = root / f"{split}_boxes.npy"
     if boxes_path.is_file():
@@ -205,7 +205,7 @@ def load_split(root: str | Path, split: str, captions_per_image: int = CAPTIONS_
     image_ids = None
     ids_path = root / f"{split}_ids.txt"
     if ids_path.is_file():
-        ids = [line.strip() for line in ids_path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        ids = [unquote(line.strip()) for line in ids_path.read_text(encoding="utf-8").split("\n") if line.strip()]
         if len(ids) == n_images:
             image_ids = ids
         elif len(ids) == n_images * captions_per_image:
@@ -213,9 +213,36 @@ def load_split(root: str | Path, split: str, captions_per_image: int = CAPTIONS_
         else:
             raise DatasetError(f"{ids_path}: {len(ids)} ids; expected one per image ({n_images}) or one "
                                f"per caption ({n_images * captions_per_image})")
+    return ImageRows(features, boxes, image_ids)
 
-    return Split(root, split, features, [c.strip() for c in captions], captions_per_image, boxes,
-                 image_ids, read_extractor(root))
+
+def load_split(root: str | Path, split: str, captions_per_image: int = CAPTIONS_PER_IMAGE) -> Split:
+    """Read one split of a dataset folder (features memory-mapped), checking every file's shape
+    (the image files' with :func:`load_image_rows`).
+
+    Raises:
+        DatasetError: a file is missing or unreadable, shapes disagree, or a caption is empty.
+    """
+    root = Path(root)
+    features = load_image_rows(root, split, captions_per_image).features
+    n_images = features.shape[0]
+
+    captions_path = caption_file(root, split)
+    # Split on "\n" only, as the reference's readlines(): str.splitlines() (and text mode's
+    # newline translation of a lone "\r") would also break a caption at characters such as U+2028
+    # and shift every later caption to the wrong image.
+    captions = captions_path.read_bytes().decode("utf-8").split("\n")
+    if captions[-1] == "":
+        captions.pop()
+    if len(captions) != n_images * captions_per_image:
+        raise DatasetError(
+            f"{captions_path}: {len(captions)} captions for the {n_images} images of {split}_ims.npy; "
+            f"expected {captions_per_image} per image = {n_images * captions_per_image}"
+        )
+    empty = [i + 1 for i, c in enumerate(captions) if not tokenize(c)]
+    if empty:
+        raise DatasetError(f"{captions_path}: lines {empty[:10]}{' ...' if len(empty) > 10 else ''} have no words")
+    return Split(root, split, features, [c.strip() for c in captions], captions_per_image, read_extractor(root))
 
 
 def _load_array(path: Path) -> np.ndarray:

@@ -77,7 +77,7 @@ from adapt.regions import (  # noqa: E402
     load_image,
 )
 from adapt.regions.bottom_up_net import PUBLISHED_FILE, PUBLISHED_REPO  # noqa: E402
-from training.data import CAPTIONS_PER_IMAGE, EXTRACTOR_FILE  # noqa: E402
+from training.data import CAPTIONS_PER_IMAGE, EXTRACTOR_FILE, DatasetError, read_extractor  # noqa: E402
 
 # Backends whose weights --weights / --weights-repo point at, and the file a Hub repo holds by default.
 WEIGHTS_FILES = {FasterRcnnExtractor.name: "model.safetensors", BottomUpAttentionExtractor.name: PUBLISHED_FILE}
@@ -187,9 +187,12 @@ def extract_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity_path = out_dir / EXTRACTOR_FILE
-    if identity_path.is_file():
-        differences = identity_differences(json.loads(identity_path.read_text(encoding="utf-8")),
-                                           extractor.identity, names=("the folder", "this extractor"))
+    try:
+        recorded = read_extractor(out_dir)
+    except DatasetError as e:
+        raise ExtractError(f"{e}; choose another --out folder") from e
+    if recorded is not None:
+        differences = identity_differences(recorded, extractor.identity, names=("the folder", "this extractor"))
         if differences:
             raise ExtractError(f"{out_dir} holds features of another region extractor, but all splits of a "
                                "dataset must come from one; choose another --out folder. Differences:\n  - "

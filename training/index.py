@@ -38,13 +38,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
-from urllib.parse import unquote
+from typing import Any, Iterator, Sequence
 
 # As in training.extract: OpenMP threads that busy-wait slow torch down on shared cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -67,7 +65,7 @@ from adapt.regions import (  # noqa: E402
     load_image,
 )
 from adapt.search import DEFAULT_SHARD_SIZE, GalleryIndex, GalleryIndexError, ImageDetails, QdrantFirstStage  # noqa: E402
-from training.data import EXTRACTOR_FILE  # noqa: E402
+from training.data import DatasetError, load_image_rows, read_extractor  # noqa: E402
 from training.extract import ExtractError, read_records  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -210,19 +208,16 @@ def index_images(
     return builder
 
 
-def _precomp_rows(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    features_path = folder / f"{split}_ims.npy"
-    if not features_path.is_file():
-        raise IndexBuildError(f"--features {folder} has no {features_path.name} (split {split!r}); pass --split")
-    features = np.load(features_path, mmap_mode="r")
-    boxes_path, ids_path = folder / f"{split}_boxes.npy", folder / f"{split}_ids.txt"
-    boxes = np.load(boxes_path, mmap_mode="r") if boxes_path.is_file() else None
-    ids = ([unquote(line) for line in ids_path.read_text(encoding="utf-8").split()] if ids_path.is_file()
-           else [f"{split}/{row}" for row in range(len(features))])
-    if len(ids) != len(features) or (boxes is not None and len(boxes) != len(features)):
-        raise IndexBuildError(f"{folder}: {len(features)} feature rows but {len(ids)} ids"
-                              + ("" if boxes is None else f" and {len(boxes)} boxes"))
-    return features, boxes, ids
+def _precomp_rows(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray | None, list[str], dict[str, Any] | None]:
+    """The features, boxes, ids (``{split}/{row}`` when the folder has none) and extractor identity
+    of a precomp ``folder``'s ``split``, read as training reads them."""
+    try:
+        rows = load_image_rows(folder, split)
+        identity = read_extractor(folder)
+    except DatasetError as e:
+        raise IndexBuildError(f"--features {e}") from e
+    ids = rows.ids if rows.ids is not None else [f"{split}/{row}" for row in range(len(rows.features))]
+    return rows.features, rows.boxes, ids, identity
 
 
 def index_features(
@@ -230,14 +225,12 @@ def index_features(
     commit_every: int = 64, thumbnail_size: int = 384,
 ) -> Builder:
     """Add the rows of an extracted / precomp ``folder``'s ``split`` the index lacks."""
-    identity_path = folder / EXTRACTOR_FILE
-    if identity_path.is_file():
+    features, boxes, ids, identity = _precomp_rows(folder, split)
+    if identity is not None:
         try:
-            check_extractor(index.model.config.extractor, json.loads(identity_path.read_text(encoding="utf-8")),
-                            names=("model", "features"))
+            check_extractor(index.model.config.extractor, identity, names=("model", "features"))
         except ExtractorMismatchError as e:
             raise IndexBuildError(f"--features {folder}: {e}") from e
-    features, boxes, ids = _precomp_rows(folder, split)
     todo = [row for row, key in enumerate(ids) if key not in index]
     builder = Builder(index, len(ids), len(ids) - len(todo), commit_every)
     for row in todo:

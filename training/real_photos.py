@@ -1,10 +1,11 @@
 """The real-photo check: is a model right on photos of the kind people upload?
 
-``tests/data/real_photos.json`` lists real photos that Python and Debian packages ship (scikit-image,
-scikit-learn, matplotlib, Debian's ``opencv-doc`` and ``tuxpaint-stamps-default``), each with one
-plain caption written by looking at the photo before any model saw it. No image is stored in this
-repository: each entry names its source package and a path inside it (``file.avi#N`` is frame ``N``
-of a video). Its ``select`` half may be used to choose models; its ``holdout`` half never is.
+``training/real_photos.json`` (installed with the package) lists real photos that Python and
+Debian packages ship (scikit-image, scikit-learn, matplotlib, Debian's ``opencv-doc`` and
+``tuxpaint-stamps-default``), each with one plain caption written by looking at the photo before
+any model saw it. No image is stored in this repository: each entry names its source package and a
+path inside it (``file.avi#N`` is frame ``N`` of a video). Its ``select`` half may be used to
+choose models; its ``holdout`` half never is.
 
 Usage::
 
@@ -33,7 +34,7 @@ from adapt.regions import Regions, load_image
 from adapt.resources import installed_path
 from training.metrics import retrieval_metrics
 
-DEFAULT_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "real_photos.json"
+DEFAULT_SET = Path(__file__).with_name("real_photos.json")
 SPLITS = ("select", "holdout")
 
 

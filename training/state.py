@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapt import AdaptModel, HingeLoss
+from adapt.config import field_differences
 from training.config import TrainConfig
 
 STATE_DIR = "training_state"
@@ -157,9 +158,8 @@ def check_resumable(saved: TrainConfig, given: TrainConfig) -> None:
         return {f"{section}.{key}": value for section, values in config.to_dict().items()
                 for key, value in values.items()}
 
-    old, new = flat(saved), flat(given)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    old, new = ({k: v for k, v in flat(config).items() if k not in RESUMABLE_CHANGES} for config in (saved, given))
+    changed = field_differences(old, new, ("saved", "now"))
     if changed:
-        details = "; ".join(f"{k}: saved {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
-        raise TrainingError(f"cannot resume with a different config ({details}). Only "
+        raise TrainingError(f"cannot resume with a different config ({'; '.join(changed)}). Only "
                             f"{sorted(RESUMABLE_CHANGES)} may change on resume")

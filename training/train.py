@@ -6,7 +6,8 @@
     python -m training.train --config training/configs/f30k_t2i.yaml --resume   # after an interruption
     torchrun --nproc_per_node 4 -m training.train --config training/configs/f30k_t2i.yaml  # 4 processes
 
-Protocol (DESIGN.md section 1, the reference's ``options/adapt/*.yaml``): Adamax with a warm-up
+Protocol (the paper's training details, Wehrmann et al., AAAI 2020, arXiv:1911.09370, and the reference
+code's ``options/adapt/abstract.yaml`` in jwehrmann/retrieval.pytorch): Adamax with a warm-up
 then step-decay lr schedule (:mod:`training.schedule`), gradient-norm clipping, the hinge loss with
 its sum->max schedule, validation on rsum every ``val_every`` iterations, early stopping after
 ``early_stop`` validations without improvement, the best checkpoint kept.

@@ -7,6 +7,8 @@ import json
 import warnings
 from typing import Any
 
+from adapt.config import field_differences
+
 # Bump when the meaning of the features changes, so older checkpoints refuse the new extractor.
 IDENTITY_FORMAT = 1
 # Identity fields that say where weights were found, not what they are: never compared.
@@ -32,13 +34,8 @@ def identity_differences(expected: dict[str, Any], actual: dict[str, Any],
                          names: tuple[str, str] = ("model", "extractor")) -> list[str]:
     """A ``field: <names[0]> has X, <names[1]> has Y`` line for every field in which the
     :func:`comparable_identity` of two identities differ (the rule is :func:`check_extractor`'s)."""
-    flat_expected, flat_actual = comparable_identity(expected), comparable_identity(actual)
-    missing = "<absent>"
-    return [
-        f"{key}: {names[0]} has {flat_expected.get(key, missing)!r}, {names[1]} has {flat_actual.get(key, missing)!r}"
-        for key in sorted(set(flat_expected) | set(flat_actual))
-        if flat_expected.get(key, missing) != flat_actual.get(key, missing)
-    ]
+    return field_differences(comparable_identity(expected), comparable_identity(actual),
+                             (f"{names[0]} has", f"{names[1]} has"))
 
 
 def check_extractor(

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from adapt.config import field_differences
 from adapt.model import AdaptModel
 
 # Left out of the recorded config: the free-form card, the file format, and the extractor, which
@@ -59,13 +60,7 @@ def fingerprint_differences(stored: dict[str, Any], model: AdaptModel) -> list[s
     """
     current = model_fingerprint(model)
     defaults = {k: _recorded(v) for k, v in _field_defaults(model.config).items()}
-    absent = "<absent>"
-    differ = []
-    for key in sorted(set(stored["config"]) | set(current["config"])):
-        was = stored["config"].get(key, defaults.get(key, absent))
-        now = current["config"].get(key, defaults.get(key, absent))
-        if was != now:
-            differ.append(f"{key}: index {was!r}, model {now!r}")
+    differ = field_differences(stored["config"], current["config"], ("index", "model"), defaults)
     if stored["weights_sha256"] != current["weights_sha256"]:
         differ.append(f"weights_sha256: index {stored['weights_sha256']!r}, model {current['weights_sha256']!r}")
     return differ
