@@ -25,14 +25,12 @@ from typing import Any, Callable
 
 import gradio as gr
 import numpy as np
-import torch
 from gradio.data_classes import ImageData
 from gradio.processing_utils import save_base64_to_cache
 from gradio.utils import get_upload_folder
 from PIL import Image
 
 from adapt import fused
-from adapt.encoders import UNK
 from adapt.model import AdaptModel, CheckpointError
 from adapt.gallery import MemoryGallery, SearchHit, search_galleries
 from adapt.pipeline import DEFAULT_CHECKPOINT, RankedCaptions, Retriever
@@ -99,31 +97,9 @@ def parse_captions(text: str | None) -> list[str]:
     return captions
 
 
-def unreadable_captions(model: AdaptModel, captions: list[str]) -> list[int]:
-    """Numbers (from 1) of the captions in which the text encoder knows no word.
-
-    A word-vector encoder knows a word when it is in its vocabulary; a WordPiece transformer when
-    any of the caption's word pieces (special tokens aside) is not ``[UNK]``. Encoders with no
-    unknown token (byte-level BPE) read everything.
-    """
-    encoder = model.text_encoder
-    tokenizer = getattr(encoder, "tokenizer", None)
-    if tokenizer is not None:
-        unknown_id = tokenizer.unk_token_id
-        special = sorted(set(tokenizer.all_special_ids) - {unknown_id})
-    else:
-        unknown_id, special = getattr(encoder, "index", {}).get(UNK), []
-    if unknown_id is None:
-        return []
-    batch = model.tokenize(captions)
-    words = batch.mask & ~torch.isin(batch.ids, torch.tensor(special, dtype=batch.ids.dtype))
-    unknown = batch.ids == unknown_id
-    return [i + 1 for i in range(len(captions)) if bool(unknown[i][words[i]].all())]
-
-
 def warn_unknown_words(model: AdaptModel, captions: list[str]) -> None:
     """Warn (in the page) when the model knows none of a caption's words: its score means little."""
-    unknown = unreadable_captions(model, captions)
+    unknown = [i + 1 for i in model.text_encoder.unknown_word_captions(captions)]
     if unknown:
         which = f"caption {unknown[0]}" if len(unknown) == 1 else f"captions {', '.join(map(str, unknown[:10]))}"
         gr.Warning(f"The model knows none of the words of {which}; "
