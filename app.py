@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import logging
 import os
 import tempfile
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
-import numpy as np
 from gradio.data_classes import ImageData
 from gradio.processing_utils import save_base64_to_cache
 from gradio.utils import get_upload_folder
@@ -34,10 +32,11 @@ from adapt import fused
 from adapt.model import AdaptModel, CheckpointError
 from adapt.gallery import MemoryGallery, SearchHit, search_galleries
 from adapt.pipeline import DEFAULT_CHECKPOINT, RankedCaptions, Retriever
-from adapt.regions import ImageError, Regions, load_image
+from adapt.regions import ImageError, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
+from adapt.regions.image import shrink_to_max_side
 from adapt.search import GalleryIndex, GalleryIndexError
-from adapt.visualize import draw_attention, region_label
+from adapt.visualize import draw_hit, draw_ranked
 
 logger = logging.getLogger("adapt.app")
 
@@ -156,22 +155,6 @@ class DrawingFiles:
         return path
 
 
-def regions_in(regions: Regions, size: tuple[int, int]) -> Regions:
-    """``regions`` with their boxes in the pixels of the same picture at ``size`` (a thumbnail)."""
-    if tuple(size) == tuple(regions.image_size):
-        return regions
-    scale = np.array([size[0] / regions.image_size[0], size[1] / regions.image_size[1]] * 2, dtype=np.float32)
-    return dataclasses.replace(regions, boxes=regions.boxes * scale, image_size=tuple(size))
-
-
-def shrink_for_drawing(image: Image.Image, regions: Regions, max_side: int) -> tuple[Image.Image, Regions]:
-    """The image downscaled to at most ``max_side`` and its regions' boxes in those pixels."""
-    scale = min(1.0, max_side / max(image.size))
-    small = image if scale == 1.0 else image.resize((max(1, round(image.width * scale)),
-                                                     max(1, round(image.height * scale))))
-    return small, regions_in(regions, small.size)
-
-
 def open_gallery(folder: str, model: AdaptModel) -> tuple[GalleryIndex | None, str | None]:
     """The index in ``folder`` opened for ``model``, or ``None`` and why it cannot be served (an
     index of another model names the difference)."""
@@ -231,17 +214,13 @@ class Demo:
         _, regions = self.retriever.regions(image)
         ranked = self.retriever.rank_captions(regions, captions, SCORING.get(scoring or ""))
         table = [[i + 1, c, round(float(s), 4)] for i, (c, s) in enumerate(zip(ranked.captions, ranked.scores))]
-        small, small_regions = shrink_for_drawing(image, regions, DRAWING_MAX_SIDE)
-        state = {"image": small, "regions": small_regions, "ranked": ranked, "show_boxes": show_boxes}
+        state = {"image": shrink_to_max_side(image, DRAWING_MAX_SIDE), "ranked": ranked, "show_boxes": show_boxes}
         return (table, *self._highlight(state, 0), self._boxes_table(ranked), 1, state)
 
     def _highlight(self, state: dict, row: int) -> tuple[str, str]:
         """The drawing of ranked caption ``row`` (its file) and that caption, as plain text."""
-        ranked: RankedCaptions = state["ranked"]
-        weights = None if ranked.region_weights is None else ranked.region_weights[row]
-        drawing = draw_attention(state["image"], state["regions"], weights, all_boxes=state["show_boxes"],
-                                 max_side=DRAWING_MAX_SIDE)
-        return self.drawings.save(drawing), ranked.captions[row]
+        drawing = draw_ranked(state["image"], state["ranked"], row, state["show_boxes"], DRAWING_MAX_SIDE)
+        return self.drawings.save(drawing), state["ranked"].captions[row]
 
     @staticmethod
     def _boxes_table(ranked: RankedCaptions) -> list[list]:
@@ -342,9 +321,7 @@ class Demo:
             image = self._hit_image(hit, state)
             if image is None:
                 continue
-            small, regions = shrink_for_drawing(image, regions_in(hit.regions, image.size), RESULT_MAX_SIDE)
-            drawing = draw_attention(small, regions, hit.region_weights, max_side=RESULT_MAX_SIDE)
-            images.append((self.drawings.save(drawing), f"{hit.score:.3f}"))
+            images.append((self.drawings.save(draw_hit(image, hit, RESULT_MAX_SIDE)[0]), f"{hit.score:.3f}"))
             hits.append(hit)
         state["hits"] = hits
         searched = sum(len(g) for g in galleries)
@@ -371,13 +348,7 @@ class Demo:
         image = self._hit_image(hit, state)
         if image is None:
             return None, ""
-        regions = regions_in(hit.regions, image.size)
-        drawing = draw_attention(image, regions, hit.region_weights, max_side=DRAWING_MAX_SIDE)
-        looked = ""
-        if hit.region_weights is not None:
-            top = np.argsort(-hit.region_weights, kind="stable")[:3]
-            looked = "; looked at " + ", ".join(f"{region_label(regions, i)} {100 * hit.region_weights[i]:.0f}%"
-                                               for i in top)
+        drawing, looked = draw_hit(image, hit, DRAWING_MAX_SIDE)
         return self.drawings.save(drawing), f"{row + 1}. {state['names'].get(hit.key, hit.key)} ({hit.score:.3f}){looked}"
 
     def highlight_hit(self, rank: float | None, state: dict | None) -> tuple[str | None, str]:
