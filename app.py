@@ -250,20 +250,20 @@ class Demo:
     def _add_files(self, state: dict, files: list[str], progress: gr.Progress | None = None) -> list[str]:
         """Add image files to a session's gallery; returns the problems of those left out."""
         gallery, problems = state["gallery"], []
-        for done, path in enumerate(files):
+        # One file at a time and lazily: once the gallery is full, no further file is extracted.
+        read = self.retriever.extract_files(files, max_pixels=self.max_pixels, max_side=WORKING_MAX_SIDE, batch_size=1)
+        for done in range(len(files)):
             if progress is not None:
                 progress((done, len(files)), desc="Adding images to the gallery", unit="images")
             if len(gallery) >= MAX_GALLERY:
                 problems.append(f"the gallery holds at most {MAX_GALLERY} images; the rest were not added")
                 break
-            try:
-                image, name = self._load(path)
-            except gr.Error as e:
-                problems.append(e.message)
+            file = next(read)
+            if file.problem is not None:
+                problems.append(refuse(str(file.problem)).message)
                 continue
-            key, regions = self.retriever.regions(image)
-            gallery.add(key, regions, source=path)
-            state["names"][key] = name
+            gallery.add(file.key, file.regions, source=file.path)
+            state["names"][file.key] = file.name
         return problems
 
     def add_images(self, files: list[str] | None, state: dict, progress: gr.Progress = gr.Progress()):

@@ -13,6 +13,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from adapt.gallery import Gallery, GalleryModelError, SearchHit, region_shares
 from adapt.io import atomic_write
 from adapt.model import AdaptModel
 from adapt.regions import (
+    ImageError,
     ImageSource,
     RegionExtractor,
     Regions,
@@ -54,6 +56,27 @@ class RankedCaptions:
     order: np.ndarray
     region_weights: np.ndarray | None
     regions: Regions
+
+
+@dataclass
+class ImageFile:
+    """An image file as :meth:`Retriever.extract_files` read it.
+
+    Attributes:
+        path: the file.
+        name: what to call it in messages and listings.
+        image: the decoded RGB picture, or ``None`` when it could not be read.
+        key: its content key (see :meth:`RegionCache.key`), ``None`` when unread.
+        regions: its regions, ``None`` when unread.
+        problem: why it could not be read (a message naming ``name``), else ``None``.
+    """
+
+    path: str | Path
+    name: str
+    image: Image.Image | None = None
+    key: str | None = None
+    regions: Regions | None = None
+    problem: ImageError | None = None
 
 
 class RegionCache:
@@ -181,14 +204,49 @@ class Retriever:
         Raises:
             adapt.regions.ImageError: the input is not a usable image.
         """
-        loaded = load_image(image, self.extractor.max_pixels)
-        key = RegionCache.key(loaded)
-        cached = self.cache.get(key) if self.cache is not None else None
-        if cached is None:
-            cached = self.extractor.extract(loaded)
+        return self._regions_of([load_image(image, self.extractor.max_pixels)])[0]
+
+    def extract_files(
+        self, paths: Sequence[str | Path], names: Sequence[str] | None = None, max_pixels: int | None = None,
+        max_side: int | None = None, batch_size: int = 8,
+    ) -> Iterator[ImageFile]:
+        """Load and extract image files, ``batch_size`` at a time, yielding each in order (lazily:
+        a caller that stops early costs no further extraction); a file that cannot be read comes
+        with its ``problem`` instead of regions.
+
+        Args:
+            paths: the files.
+            names: what to call each in messages (default: its file name).
+            max_pixels: refuse larger images (default and upper bound: the extractor's).
+            max_side: decode large JPEGs at a reduced scale keeping this side (see
+                :func:`~adapt.regions.load_image`).
+        """
+        names = [Path(p).name for p in paths] if names is None else list(names)
+        max_pixels = min(max_pixels or self.extractor.max_pixels, self.extractor.max_pixels)
+        for start in range(0, len(paths), batch_size):
+            files = [ImageFile(path, name) for path, name in zip(paths[start:start + batch_size],
+                                                                names[start:start + batch_size])]
+            for file in files:
+                try:
+                    file.image = load_image(file.path, max_pixels, max_side=max_side, name=file.name)
+                except ImageError as e:
+                    file.problem = e
+            read = [file for file in files if file.problem is None]
+            for file, (key, regions) in zip(read, self._regions_of([file.image for file in read])):
+                file.key, file.regions = key, regions
+            yield from files
+
+    def _regions_of(self, images: list[Image.Image]) -> list[tuple[str, Regions]]:
+        """Content keys and regions of loaded images, the uncached ones extracted in one batch."""
+        keys = [RegionCache.key(image) for image in images]
+        found = [self.cache.get(key) if self.cache is not None else None for key in keys]
+        missing = [i for i, regions in enumerate(found) if regions is None]
+        extracted = self.extractor.extract_batch([images[i] for i in missing], batch_size=len(missing)) if missing else []
+        for i, regions in zip(missing, extracted):
+            found[i] = regions
             if self.cache is not None:
-                self.cache.put(key, cached)
-        return key, cached
+                self.cache.put(keys[i], regions)
+        return list(zip(keys, found))
 
     @torch.inference_mode()
     def rank_captions(

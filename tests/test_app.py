@@ -144,7 +144,7 @@ def test_search_with_an_empty_query_is_refused(client):
 def test_region_cache_makes_a_second_query_skip_extraction(served, monkeypatch):
     retriever = served[1]
     retriever.regions(CAT)
-    monkeypatch.setattr(retriever.extractor, "extract", lambda *a, **k: pytest.fail("extracted again"))
+    monkeypatch.setattr(retriever.extractor, "extract_batch", lambda *a, **k: pytest.fail("extracted again"))
     key, regions = retriever.regions(np.asarray(Image.open(CAT)))  # same pixels, another source
     assert regions.features.shape == (36, retriever.extractor.feature_dim)
 

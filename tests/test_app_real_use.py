@@ -360,7 +360,7 @@ def gallery_served(checkpoint, tmp_path_factory):
     retriever = Retriever.from_pretrained(checkpoint, cache_dir=tmp_path_factory.mktemp("cache"))
     folder = tmp_path_factory.mktemp("served") / "index"
     built = GalleryIndex.create(folder, retriever.model)
-    index_images(built, retriever.extractor, photos, sorted(p.name for p in photos.iterdir()), thumbnail_size=256)
+    index_images(built, retriever, photos, sorted(p.name for p in photos.iterdir()), thumbnail_size=256)
     demo = app.build_demo(retriever, str(checkpoint), served=GalleryIndex.open(folder, retriever.model))
     yield launch(demo), retriever, demo
     demo.close()
