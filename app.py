@@ -31,7 +31,7 @@ from PIL import Image
 from adapt import fused
 from adapt.model import AdaptModel, CheckpointError
 from adapt.gallery import MemoryGallery, SearchHit, search_galleries
-from adapt.pipeline import DEFAULT_CHECKPOINT, RankedCaptions, Retriever
+from adapt.pipeline import DEFAULT_CHECKPOINT, RankedCaptions, Retriever, hit_image, read_model_card
 from adapt.regions import ImageError, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
 from adapt.regions.image import shrink_to_max_side
@@ -321,7 +321,8 @@ class Demo:
             image = self._hit_image(hit, state)
             if image is None:
                 continue
-            images.append((self.drawings.save(draw_hit(image, hit, RESULT_MAX_SIDE)[0]), f"{hit.score:.3f}"))
+            drawing = draw_hit(image, hit, self._name(hit, state), len(hits) + 1, RESULT_MAX_SIDE)[0]
+            images.append((self.drawings.save(drawing), f"{hit.score:.3f}"))
             hits.append(hit)
         state["hits"] = hits
         searched = sum(len(g) for g in galleries)
@@ -330,17 +331,19 @@ class Demo:
         drawing, description = self._show_hit(state, 0) if hits else (None, "No match could be shown.")
         return images, status, drawing, description, state
 
+    @staticmethod
+    def _name(hit: SearchHit, state: dict) -> str:
+        """What the user calls a hit: an upload's file name, a served image's id."""
+        return state["names"].get(hit.key, hit.key)
+
     def _hit_image(self, hit: SearchHit, state: dict) -> Image.Image | None:
         """The picture of a hit, or ``None`` (with a warning) when its file is gone."""
-        name = state["names"].get(hit.key, hit.key)
-        if hit.source is not None:
-            try:
-                return load_image(hit.source, self.max_pixels, max_side=WORKING_MAX_SIDE, name=name)
-            except ImageError:
-                pass
-        where = "uploads are kept for a day; add it again" if hit.key in state["names"] else "rebuild the gallery"
-        gr.Warning(f"{name} is no longer on the server ({where} to see it).")
-        return None
+        name = self._name(hit, state)
+        image = hit_image(hit, self.max_pixels, name)
+        if image is None:
+            where = "uploads are kept for a day; add it again" if hit.key in state["names"] else "rebuild the gallery"
+            gr.Warning(f"{name} is no longer on the server ({where} to see it).")
+        return image
 
     def _show_hit(self, state: dict, row: int) -> tuple[str | None, str]:
         """The drawing of hit ``row`` of the session's last search and what it is."""
@@ -348,8 +351,8 @@ class Demo:
         image = self._hit_image(hit, state)
         if image is None:
             return None, ""
-        drawing, looked = draw_hit(image, hit, DRAWING_MAX_SIDE)
-        return self.drawings.save(drawing), f"{row + 1}. {state['names'].get(hit.key, hit.key)} ({hit.score:.3f}){looked}"
+        drawing, description = draw_hit(image, hit, self._name(hit, state), row + 1, DRAWING_MAX_SIDE)
+        return self.drawings.save(drawing), description
 
     def highlight_hit(self, rank: float | None, state: dict | None) -> tuple[str | None, str]:
         """The drawing and description of the match ranked ``rank`` (1 = best) in the last search."""
@@ -364,15 +367,6 @@ class Demo:
         """Show the clicked match: its rank, drawing and description."""
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
         return (row + 1, *self.highlight_hit(row + 1, state))
-
-
-def model_card(checkpoint: str) -> str:
-    """The checkpoint's model card (README.md), or its config when it has none."""
-    card = Path(checkpoint) / "README.md"
-    if card.is_file():
-        text = card.read_text(encoding="utf-8")
-        return text.split("---", 2)[-1] if text.startswith("---") else text
-    return f"Checkpoint `{checkpoint}` has no model card."
 
 
 def build_demo(retriever: Retriever, checkpoint: str,
@@ -459,7 +453,7 @@ def build_demo(retriever: Retriever, checkpoint: str,
             clear_button.click(demo_logic.clear_gallery, [gallery_state], [gallery_state, gallery_status, results],
                                api_name="clear_gallery")
         with gr.Tab("About"):
-            gr.Markdown(model_card(checkpoint))
+            gr.Markdown(read_model_card(checkpoint) or f"Checkpoint `{checkpoint}` has no model card.")
     return demo
 
 

@@ -33,6 +33,7 @@ from adapt.regions import (
     comparable_identity,
     load_image,
 )
+from adapt.regions.base import WORKING_MAX_SIDE
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 
@@ -281,3 +282,24 @@ class Retriever:
                                     "retriever's: build it with MemoryGallery(retriever.model), or open "
                                     "the index with this retriever's model")
         return gallery.search([caption], top_k, directions=directions)[0]
+
+
+def hit_image(hit: SearchHit, max_pixels: int, name: str | None = None) -> Image.Image | None:
+    """The picture of a search hit (decoded near the extractor's working size), or ``None`` when
+    its file is gone or no longer readable (an upload past its lifetime, a moved original)."""
+    if hit.source is None:
+        return None
+    try:
+        return load_image(hit.source, max_pixels, max_side=WORKING_MAX_SIDE, name=name or hit.key)
+    except ImageError:
+        return None
+
+
+def read_model_card(checkpoint: str | Path) -> str | None:
+    """The text of a local checkpoint's model card (``README.md``) without its YAML header (the
+    Hub's metadata), or ``None`` when it has none."""
+    card = Path(checkpoint) / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8")
+    return text.split("---", 2)[-1] if text.startswith("---") else text

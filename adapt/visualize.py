@@ -90,13 +90,16 @@ def draw_ranked(image: Image.Image, ranked: RankedCaptions, row: int, all_boxes:
                           max_side=max_side)
 
 
-def draw_hit(image: Image.Image, hit: SearchHit, max_side: int = 1024, top: int = 3) -> tuple[Image.Image, str]:
-    """A search hit's picture (at any size) lit where the caption looked, and where that was: its
-    ``top`` regions with their shares ("; looked at dog 41%, ..."; empty without region weights)."""
+def draw_hit(image: Image.Image, hit: SearchHit, name: str, rank: int, max_side: int = 1024,
+             top: int = 3) -> tuple[Image.Image, str]:
+    """A search hit's picture (at any size) lit where the caption looked, and what it is: its
+    ``rank`` (1 = best), ``name``, score and ``top`` regions with their shares
+    ("1. dog.jpg (0.412); looked at dog 41%, ...")."""
     regions = regions_in(hit.regions, image.size)
     drawing = draw_attention(image, regions, hit.region_weights, top=top, max_side=max_side)
-    if hit.region_weights is None:
-        return drawing, ""
-    best = np.argsort(-hit.region_weights, kind="stable")[:top]
-    return drawing, "; looked at " + ", ".join(f"{region_label(regions, i)} {100 * hit.region_weights[i]:.0f}%"
-                                               for i in best)
+    looked = ""
+    if hit.region_weights is not None:
+        best = np.argsort(-hit.region_weights, kind="stable")[:top]
+        looked = "; looked at " + ", ".join(f"{region_label(regions, i)} {100 * hit.region_weights[i]:.0f}%"
+                                            for i in best)
+    return drawing, f"{rank}. {name} ({hit.score:.3f}){looked}"
