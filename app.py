@@ -164,6 +164,28 @@ def open_gallery(folder: str, model: AdaptModel) -> tuple[GalleryIndex | None, s
         return None, f"The gallery {Path(folder).name} is not served: {e}"
 
 
+def rank_pickers(show: Callable[[dict, int], tuple], items: Callable[[dict], list], first: str,
+                 what: str) -> tuple[Callable, Callable]:
+    """The two handlers that show one item of a session's last ranked list with ``show(state, row)``:
+    by its rank (1 = best; the API's) and by a click on it (``gr.SelectData``, which API clients
+    cannot send). Without a list they ask the user to make one (``first``); a rank out of range is
+    refused naming the range ("Pick ``what`` from 1 to n.")."""
+
+    def at_rank(rank: float | None, state: dict | None) -> tuple:
+        n = len(items(state)) if state else 0
+        if not n:
+            raise refuse(first)
+        if rank is None or not float(rank).is_integer() or not 1 <= rank <= n:
+            raise refuse(f"Pick {what} from 1 to {n}.")
+        return show(state, int(rank) - 1)
+
+    def clicked(state: dict | None, evt: gr.SelectData) -> tuple:
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+        return (row + 1, *at_rank(row + 1, state))
+
+    return at_rank, clicked
+
+
 class Demo:
     """The app's logic, one method per UI action; each session's data lives in its ``gr.State``.
 
@@ -190,6 +212,11 @@ class Demo:
                         if set(dirs) <= set(retriever.directions)]
         self.own_choice = next(name for name, dirs in SCORING.items()
                                if set(dirs) == set(retriever.model.config.directions))
+        # (rank, state) -> the drawing and its caption or description; (state, click) -> also the rank.
+        self.highlight_caption, self.select_caption = rank_pickers(
+            self._highlight, lambda state: state["ranked"].captions, "Rank some captions first.", "a rank")
+        self.highlight_hit, self.select_hit = rank_pickers(
+            self._show_hit, lambda state: state.get("hits") or [], "Search the gallery first.", "a match")
         self.start_state = self.empty_state()
         if served is None:
             for problem in self._add_files(self.start_state, [str(p) for p in EXAMPLES]):
@@ -227,20 +254,6 @@ class Demo:
         r = ranked.regions
         return [[i + 1, label or "(fill)", round(float(score), 3), str([round(float(v)) for v in box])]
                 for i, (label, score, box) in enumerate(zip(r.labels, r.scores, r.boxes))]
-
-    def highlight_caption(self, rank: float | None, state: dict | None) -> tuple[str, str]:
-        """The highlight of the caption ranked ``rank`` (1 = best) in the session's last ranking."""
-        if not state:
-            raise refuse("Rank some captions first.")
-        n = len(state["ranked"].captions)
-        if rank is None or not float(rank).is_integer() or not 1 <= rank <= n:
-            raise refuse(f"Pick a rank from 1 to {n}.")
-        return self._highlight(state, int(rank) - 1)
-
-    def select_caption(self, state: dict | None, evt: gr.SelectData) -> tuple[int, str, str]:
-        """Switch the highlight to the clicked ranked caption; returns its rank, drawing and caption."""
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
-        return (row + 1, *self.highlight_caption(row + 1, state))
 
     def empty_state(self) -> dict:
         """A session's state: its uploads' :class:`MemoryGallery`, each key's file name, and the
@@ -353,20 +366,6 @@ class Demo:
             return None, ""
         drawing, description = draw_hit(image, hit, self._name(hit, state), row + 1, DRAWING_MAX_SIDE)
         return self.drawings.save(drawing), description
-
-    def highlight_hit(self, rank: float | None, state: dict | None) -> tuple[str | None, str]:
-        """The drawing and description of the match ranked ``rank`` (1 = best) in the last search."""
-        if not state or not state.get("hits"):
-            raise refuse("Search the gallery first.")
-        n = len(state["hits"])
-        if rank is None or not float(rank).is_integer() or not 1 <= rank <= n:
-            raise refuse(f"Pick a match from 1 to {n}.")
-        return self._show_hit(state, int(rank) - 1)
-
-    def select_hit(self, state: dict | None, evt: gr.SelectData) -> tuple[int, str | None, str]:
-        """Show the clicked match: its rank, drawing and description."""
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
-        return (row + 1, *self.highlight_hit(row + 1, state))
 
 
 def build_demo(retriever: Retriever, checkpoint: str,
