@@ -30,7 +30,7 @@ from PIL import Image
 
 from adapt import fused
 from adapt.model import AdaptModel, CheckpointError
-from adapt.gallery import MemoryGallery, SearchHit, search_galleries
+from adapt.gallery import MemoryGallery, SearchHit
 from adapt.pipeline import DEFAULT_CHECKPOINT, RankedCaptions, Retriever, hit_image, read_model_card
 from adapt.regions import ImageError, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
@@ -328,7 +328,7 @@ class Demo:
         if self.kernels_building():
             gr.Info(KERNELS_MESSAGE)
         with self._served_lock:
-            found = search_galleries(galleries, [query], top_k=int(top_k))[0]
+            found = self.retriever.search(galleries, query, top_k=int(top_k))
         hits, images = [], []
         for hit in found:
             image = self._hit_image(hit, state)

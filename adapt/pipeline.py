@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from adapt.device import pick_device
-from adapt.gallery import Gallery, GalleryModelError, SearchHit, region_shares
+from adapt.gallery import Gallery, GalleryModelError, SearchHit, region_shares, search_galleries
 from adapt.io import atomic_write
 from adapt.model import AdaptModel
 from adapt.regions import (
@@ -45,7 +45,6 @@ class RankedCaptions:
     Attributes:
         captions: the captions, ranked.
         scores: ``(n,)`` their scores, descending.
-        order: ``(n,)`` index of each ranked caption in the input list.
         region_weights: ``(n, k)`` where each ranked caption looked: each region's share of the
             caption's T2I score (see :func:`region_shares`; rows sum to 1), or ``None`` for a model
             without the T2I direction.
@@ -54,7 +53,6 @@ class RankedCaptions:
 
     captions: list[str]
     scores: np.ndarray
-    order: np.ndarray
     region_weights: np.ndarray | None
     regions: Regions
 
@@ -266,23 +264,23 @@ class Retriever:
         scores = out.scores[0].cpu().numpy()
         order = np.argsort(-scores, kind="stable")
         weights = None if out.region_attention is None else region_shares(out.region_attention[0])[order]
-        return RankedCaptions([captions[i] for i in order], scores[order], order, weights, regions)
+        return RankedCaptions([captions[i] for i in order], scores[order], weights, regions)
 
     def search(
-        self, gallery: Gallery, caption: str, top_k: int = 10,
+        self, galleries: Sequence[Gallery], caption: str, top_k: int = 10,
         directions: tuple[str, ...] | None = None,
     ) -> list[SearchHit]:
-        """The ``top_k`` gallery images for a caption, best first, with where the caption looked in each.
+        """The ``top_k`` images for a caption over the non-empty ``galleries`` together, best first,
+        with where the caption looked in each (see :func:`~adapt.gallery.search_galleries`).
 
         Raises:
-            GalleryModelError: the gallery holds another model's encodings.
+            GalleryModelError: a gallery holds the encodings of another model.
         """
-        if gallery.model is not self.model:
+        if any(gallery.model is not self.model for gallery in galleries):
             raise GalleryModelError("this gallery holds the encodings of another model than this "
                                     "retriever's: build it with MemoryGallery(retriever.model), or open "
                                     "the index with this retriever's model")
-        return gallery.search([caption], top_k, directions=directions)[0]
-
+        return search_galleries(galleries, [caption], top_k, directions=directions)[0]
 
 def hit_image(hit: SearchHit, max_pixels: int, name: str | None = None) -> Image.Image | None:
     """The picture of a search hit (decoded near the extractor's working size), or ``None`` when
