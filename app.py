@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import logging
 import os
 import tempfile
@@ -164,6 +165,21 @@ def open_gallery(folder: str, model: AdaptModel) -> tuple[GalleryIndex | None, s
         return None, f"The gallery {Path(folder).name} is not served: {e}"
 
 
+class SessionState(dict):
+    """A session's search state: its uploads' ``"gallery"`` (a :class:`MemoryGallery`), each key's
+    file ``"names"`` and the ``"hits"`` of its last search.
+
+    Gradio deep-copies a ``gr.State``'s starting value for every session; the copy shares the
+    model (read-only here, and searches check they are given the retriever's own) instead of
+    copying its weights.
+    """
+
+    def __deepcopy__(self, memo: dict) -> "SessionState":
+        model = self["gallery"].model
+        memo[id(model)] = model
+        return SessionState({key: copy.deepcopy(value, memo) for key, value in self.items()})
+
+
 def rank_pickers(show: Callable[[dict, int], tuple], items: Callable[[dict], list], first: str,
                  what: str) -> tuple[Callable, Callable]:
     """The two handlers that show one item of a session's last ranked list with ``show(state, row)``:
@@ -255,10 +271,9 @@ class Demo:
         return [[i + 1, label or "(fill)", round(float(score), 3), str([round(float(v)) for v in box])]
                 for i, (label, score, box) in enumerate(zip(r.labels, r.scores, r.boxes))]
 
-    def empty_state(self) -> dict:
-        """A session's state: its uploads' :class:`MemoryGallery`, each key's file name, and the
-        hits of its last search."""
-        return {"gallery": MemoryGallery(self.retriever.model), "names": {}, "hits": []}
+    def empty_state(self) -> SessionState:
+        """A session's state with no uploads (see :class:`SessionState`)."""
+        return SessionState(gallery=MemoryGallery(self.retriever.model), names={}, hits=[])
 
     def _add_files(self, state: dict, files: list[str], progress: gr.Progress | None = None) -> list[str]:
         """Add image files to a session's gallery; returns the problems of those left out."""
