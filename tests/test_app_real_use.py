@@ -18,7 +18,8 @@ from test_app import CAT, checkpoint, client, rank, served  # noqa: F401 (fixtur
 
 import app
 from adapt import AdaptConfig, AdaptModel
-from adapt.pipeline import RegionCache, Retriever
+from adapt.cache import RegionCache
+from adapt.pipeline import Retriever
 from adapt.regions import build_extractor, load_image
 from adapt.search import GalleryIndex
 from training.index import index_images

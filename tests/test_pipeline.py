@@ -8,7 +8,8 @@ from PIL import Image
 
 from adapt import AdaptConfig, AdaptModel, build_vocab
 from adapt.gallery import GalleryModelError, MemoryGallery
-from adapt.pipeline import RegionCache, Retriever
+from adapt.cache import RegionCache
+from adapt.pipeline import Retriever
 from adapt.regions import ExtractorMismatchError, RegionExtractor, Regions
 from adapt.regions.base import Detections
 from adapt.visualize import draw_attention
