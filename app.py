@@ -32,12 +32,13 @@ from PIL import Image
 from adapt import fused
 from adapt.model import AdaptModel, CheckpointError
 from adapt.gallery import MemoryGallery, SearchHit
-from adapt.pipeline import DEFAULT_CHECKPOINT, RankedCaptions, Retriever, hit_image, read_model_card
+from adapt.pipeline import RankedCaptions, Retriever, hit_image, read_model_card
 from adapt.regions import ImageError, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
 from adapt.regions.image import shrink_to_max_side
 from adapt.search import GalleryIndex, GalleryIndexError
 from adapt.visualize import draw_hit, draw_ranked
+from checkpoints import DEFAULT_CHECKPOINT
 
 logger = logging.getLogger("adapt.app")
 

@@ -30,9 +30,6 @@ from adapt.regions import (
 )
 from adapt.regions.base import WORKING_MAX_SIDE
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
-
-
 @dataclass
 class RankedCaptions:
     """Captions of one image, best first.
@@ -109,10 +106,10 @@ class Retriever:
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, device: torch.device | str | None = None,
+        cls, checkpoint: str | Path, device: torch.device | str | None = None,
         **kwargs,
     ) -> "Retriever":
-        """Load a checkpoint (local folder or Hub id; default: the bundled model) and its extractor."""
+        """Load a checkpoint (local folder or Hub id) and its extractor."""
         model = AdaptModel.from_pretrained(str(checkpoint), map_location=str(device or pick_device()))
         return cls(model, **kwargs)
 

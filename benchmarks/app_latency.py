@@ -24,7 +24,8 @@ from PIL import Image
 
 import app
 from adapt.gallery import MemoryGallery
-from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
+from adapt.pipeline import Retriever
+from checkpoints import DEFAULT_CHECKPOINT
 
 CAPTIONS = "\n".join([
     "a mug", "a red apple", "an orange", "a butterfly", "a soccer ball", "a sliced lime",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from adapt import AdaptModel
-from adapt.pipeline import DEFAULT_CHECKPOINT
+from checkpoints import DEFAULT_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 

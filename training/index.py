@@ -54,7 +54,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from adapt.model import AdaptModel, CheckpointError  # noqa: E402
-from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever  # noqa: E402
+from adapt.pipeline import Retriever  # noqa: E402
 from adapt.device import pick_device  # noqa: E402
 from adapt.regions import (  # noqa: E402
     ExtractorError,
@@ -64,6 +64,7 @@ from adapt.regions import (  # noqa: E402
     load_image,
 )
 from adapt.search import DEFAULT_SHARD_SIZE, GalleryIndex, GalleryIndexError, ImageDetails, QdrantFirstStage  # noqa: E402
+from checkpoints import DEFAULT_CHECKPOINT  # noqa: E402
 from training.data import EXTRACTOR_FILE  # noqa: E402
 from training.extract import ExtractError, read_records  # noqa: E402
 

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
+from adapt.pipeline import Retriever
 from adapt.regions import Regions, load_image
+from checkpoints import DEFAULT_CHECKPOINT
 from training.metrics import retrieval_metrics
 
 DEFAULT_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "real_photos.json"
