@@ -208,18 +208,19 @@ class Demo:
 
     Args:
         retriever: the model and its region extractor.
-        drawings: where drawings are written for Gradio to serve.
+        drawings: where drawings are written for Gradio to serve (default: a folder in Gradio's
+            upload folder, so they are served and deleted with the uploads).
         kernels_building: whether the fused CPU kernels are still being built (a search waits).
         served: a gallery index every session searches besides its own uploads (opened with the
             retriever's model); without one, sessions start with the example photos.
         served_problem: why a gallery asked for is not served (shown in the Search tab).
     """
 
-    def __init__(self, retriever: Retriever, drawings: DrawingFiles,
+    def __init__(self, retriever: Retriever, drawings: DrawingFiles | None = None,
                  kernels_building: Callable[[], bool] = lambda: False,
                  served: GalleryIndex | None = None, served_problem: str | None = None) -> None:
         self.retriever = retriever
-        self.drawings = drawings
+        self.drawings = drawings or DrawingFiles(Path(get_upload_folder()) / "adapt-drawings")
         self.kernels_building = kernels_building
         self.served = served
         self.served_problem = served_problem
@@ -384,13 +385,8 @@ class Demo:
         return self.drawings.save(drawing), description
 
 
-def build_demo(retriever: Retriever, checkpoint: str,
-               kernels_building: Callable[[], bool] = lambda: False,
-               served: GalleryIndex | None = None, served_problem: str | None = None) -> gr.Blocks:
-    """The Gradio Blocks UI around a retriever (``kernels_building``, ``served``,
-    ``served_problem``: see :class:`Demo`)."""
-    demo_logic = Demo(retriever, DrawingFiles(Path(get_upload_folder()) / "adapt-drawings"), kernels_building,
-                      served, served_problem)
+def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
+    """The Gradio Blocks UI wired to ``demo_logic``; the About tab shows ``checkpoint``'s model card."""
     with gr.Blocks(title="ADAPT image-text retrieval", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# ADAPT: adaptive cross-modal embeddings\nRank captions for an image, or search "
                     "images with a caption. The highlight shows each region's share of the caption's "
@@ -497,8 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("%s", problem)
     elif served is not None:
         logger.info("serving the gallery %s: %d images", args.gallery, len(served))
-    demo = build_demo(retriever, args.checkpoint, kernels_building=warm_up.is_alive, served=served,
-                      served_problem=problem)
+    demo = build_demo(Demo(retriever, kernels_building=warm_up.is_alive, served=served, served_problem=problem),
+                      args.checkpoint)
     demo.queue(default_concurrency_limit=2, max_size=32)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, show_error=True)
 

@@ -48,7 +48,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         retriever = Retriever.from_pretrained(DEFAULT_CHECKPOINT, cache_dir=Path(tmp) / "cache")
-        demo = app.build_demo(retriever, str(DEFAULT_CHECKPOINT))
+        demo = app.build_demo(app.Demo(retriever), str(DEFAULT_CHECKPOINT))
         demo.queue(default_concurrency_limit=2)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
         client = Client(url, verbose=False)

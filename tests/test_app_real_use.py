@@ -14,9 +14,9 @@ from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageFile
-from test_app import CAT, checkpoint, client, rank, served  # noqa: F401 (fixtures)
 
 import app
+from conftest import CAT, rank
 from adapt import AdaptConfig, AdaptModel
 from adapt.cache import RegionCache
 from adapt.pipeline import Retriever
@@ -44,11 +44,6 @@ def progress_units(job) -> list:
     while not job.communicator.updates.empty():
         updates.append(job.communicator.updates.get_nowait())
     return [unit for u in updates for unit in (getattr(u, "progress_data", None) or [])]
-
-
-def logic(served) -> app.Demo:
-    """The :class:`app.Demo` behind the launched demo."""
-    return next(f for f in served[2].fns.values() if f.api_name == "search_gallery").fn.__self__
 
 
 @pytest.fixture
@@ -134,7 +129,7 @@ def test_the_region_cache_keeps_the_most_recent_images_within_its_budget(client,
 
 def test_drawings_are_files_in_gradios_cache_deleted_on_its_schedule_and_bounded(served, tmp_path):
     assert served[2].delete_cache == app.DELETE_CACHE
-    assert logic(served).drawings.folder.is_relative_to(get_upload_folder())
+    assert served[3].drawings.folder.is_relative_to(get_upload_folder())
     drawings = app.DrawingFiles(tmp_path, keep=2)
     paths = [drawings.save(Image.new("RGB", (8, 8))) for _ in range(3)]
     assert [Path(p).exists() for p in paths] == [False, True, True]
@@ -191,7 +186,7 @@ def test_too_many_files_at_once_are_refused_and_adding_has_its_own_queue(client,
 
 
 def test_a_search_while_the_kernels_build_says_so(served, monkeypatch):
-    monkeypatch.setattr(logic(served), "kernels_building", lambda: True)
+    monkeypatch.setattr(served[3], "kernels_building", lambda: True)
     job = Client(served[0], verbose=False).submit("a cat", 2, api_name="/search_gallery")
     assert (app.KERNELS_MESSAGE, "info") in messages(job)
 
@@ -226,7 +221,7 @@ def transformer_served(tmp_path_factory):
     AdaptModel(AdaptConfig(region_dim=extractor.feature_dim, latent_size=32, similarity="t2i",
                            text_encoder="transformer", extractor=extractor.identity)).save_pretrained(folder)
     retriever = Retriever.from_pretrained(folder, cache_dir=tmp_path_factory.mktemp("cache"))
-    demo = app.build_demo(retriever, str(folder))
+    demo = app.build_demo(app.Demo(retriever), str(folder))
     yield launch(demo), retriever, demo
     demo.close()
 
@@ -362,7 +357,7 @@ def gallery_served(checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("served") / "index"
     built = GalleryIndex.create(folder, retriever.model)
     index_images(built, retriever, photos, sorted(p.name for p in photos.iterdir()), thumbnail_size=256)
-    demo = app.build_demo(retriever, str(checkpoint), served=GalleryIndex.open(folder, retriever.model))
+    demo = app.build_demo(app.Demo(retriever, served=GalleryIndex.open(folder, retriever.model)), str(checkpoint))
     yield launch(demo), retriever, demo
     demo.close()
 
@@ -379,7 +374,7 @@ def test_a_served_gallery_is_searched_with_the_sessions_uploads(gallery_served):
 
 def test_a_gallery_that_cannot_be_served_is_explained_in_the_search_tab(served):
     problem = "The gallery index is not served: /x was built with a different model (latent_size: index 8, model 32)."
-    demo = app.build_demo(served[1], "checkpoint", served_problem=problem)
+    demo = app.build_demo(app.Demo(served[1], served_problem=problem), "checkpoint")
     status = next(c["props"]["value"] for c in demo.config["components"] if c["props"].get("elem_id") == "gallery-status")
     assert status.startswith(problem) and "sample" not in status
 

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from adapt.gallery import MemoryGallery
 from adapt.pipeline import Retriever
 from adapt.search import GalleryIndex, ImageDetails, QdrantFirstStage
 from checkpoints import DEFAULT_CHECKPOINT
+from conftest import free_port
 from training import index as build
 
 SKIMAGE = Path(skimage.__file__).parent / "data"
@@ -103,12 +103,6 @@ def test_the_cli_resumes_after_a_kill_with_nothing_lost_or_twice(built, photos):
         (photos / "orange.jpg").unlink()
     assert again.returncode == 0, stderr
     assert f"{len(PHOTOS) + 1} images (1 added now)" in stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_app_serves_the_gallery_and_finds_the_right_photo(built, tmp_path):
