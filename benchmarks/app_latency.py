@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 import app
+import app_logic
 from adapt.gallery import MemoryGallery
 from adapt.pipeline import Retriever
 from checkpoints import DEFAULT_CHECKPOINT
@@ -52,7 +53,7 @@ def main() -> None:
         demo.queue(default_concurrency_limit=2)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
         client = Client(url, verbose=False)
-        logic = app.Demo(retriever, app.DrawingFiles(Path(tmp) / "drawings"))
+        logic = app.Demo(retriever, app_logic.DrawingFiles(Path(tmp) / "drawings"))
         scoring = logic.choices[0]
         photos = [Image.open(p).convert("RGB") for p in app.EXAMPLES]
         rank_times = []

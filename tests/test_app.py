@@ -10,6 +10,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
+import app_logic
 from conftest import CAT, rank
 
 def test_rank_captions_orders_by_score_and_highlights_the_image(client, served):
@@ -24,7 +25,7 @@ def test_rank_captions_orders_by_score_and_highlights_the_image(client, served):
     assert "cat" in [row[1] for row in boxes["data"]]  # the detector's labels, in the regions panel
 
 
-@pytest.mark.parametrize("scoring", [name for name, dirs in app.SCORING.items() if "mean" not in dirs])
+@pytest.mark.parametrize("scoring", [name for name, dirs in app_logic.SCORING.items() if "mean" not in dirs])
 def test_every_scoring_direction_runs(client, scoring):
     table = rank(client, handle_file(CAT), "a cat\na dog", scoring)[0]
     assert len(table["data"]) == 2

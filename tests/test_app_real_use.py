@@ -16,6 +16,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageFile
 
 import app
+import app_logic
 from conftest import CAT, rank
 from adapt import AdaptConfig, AdaptModel
 from adapt.cache import RegionCache
@@ -89,7 +90,7 @@ def test_a_png_bomb_is_refused_before_decoding(client, tmp_path, decoded_sizes):
     Image.new("L", (13000, 13000)).save(bomb)  # 169 Mpx in a few hundred KB
     with pytest.raises(AppError, match=r"^bomb.png: 13000x13000 = 169,000,000 pixels exceeds"):
         rank(client, handle_file(str(bomb)), "a cat")
-    assert max(decoded_sizes, default=0) <= app.MAX_PIXELS
+    assert max(decoded_sizes, default=0) <= app_logic.MAX_PIXELS
 
 
 def test_a_16_bit_png_is_decoded_by_the_apps_loader(client, served, tmp_path):
@@ -108,7 +109,7 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(client, tmp_path, decoded_si
     Image.new("RGB", (9600, 6400), (200, 120, 40)).save(big, quality=80)  # 61 Mpx > the app's limit
     table = rank(client, handle_file(str(big)), "an orange wall")[0]
     assert len(table["data"]) == 1
-    assert 0 < max(decoded_sizes) <= app.MAX_PIXELS
+    assert 0 < max(decoded_sizes) <= app_logic.MAX_PIXELS
 
 
 def test_the_region_cache_keeps_the_most_recent_images_within_its_budget(client, served, tmp_path, monkeypatch):
@@ -130,7 +131,7 @@ def test_the_region_cache_keeps_the_most_recent_images_within_its_budget(client,
 def test_drawings_are_files_in_gradios_cache_deleted_on_its_schedule_and_bounded(served, tmp_path):
     assert served[2].delete_cache == app.DELETE_CACHE
     assert served[3].drawings.folder.is_relative_to(get_upload_folder())
-    drawings = app.DrawingFiles(tmp_path, keep=2)
+    drawings = app_logic.DrawingFiles(tmp_path, keep=2)
     paths = [drawings.save(Image.new("RGB", (8, 8))) for _ in range(3)]
     assert [Path(p).exists() for p in paths] == [False, True, True]
 
@@ -178,8 +179,8 @@ def test_adding_images_reports_progress_with_a_count(served, tmp_path):
 def test_too_many_files_at_once_are_refused_and_adding_has_its_own_queue(client, served, tmp_path):
     path = tmp_path / "one.png"
     Image.open(CAT).save(path)
-    with pytest.raises(AppError, match=f"add at most {app.MAX_FILES_PER_ADD} at a time"):
-        client.predict([handle_file(str(path))] * (app.MAX_FILES_PER_ADD + 1), api_name="/add_images")
+    with pytest.raises(AppError, match=f"add at most {app_logic.MAX_FILES_PER_ADD} at a time"):
+        client.predict([handle_file(str(path))] * (app_logic.MAX_FILES_PER_ADD + 1), api_name="/add_images")
     add = next(f for f in served[2].fns.values() if f.api_name == "add_images")
     others = [f for f in served[2].fns.values() if f.api_name in ("rank_captions", "search_gallery")]
     assert add.concurrency_limit == 1 and all(f.concurrency_id != add.concurrency_id for f in others)
@@ -188,7 +189,7 @@ def test_too_many_files_at_once_are_refused_and_adding_has_its_own_queue(client,
 def test_a_search_while_the_kernels_build_says_so(served, monkeypatch):
     monkeypatch.setattr(served[3], "kernels_building", lambda: True)
     job = Client(served[0], verbose=False).submit("a cat", 2, api_name="/search_gallery")
-    assert (app.KERNELS_MESSAGE, "info") in messages(job)
+    assert (app_logic.KERNELS_MESSAGE, "info") in messages(job)
 
 
 # 7. The user's file names, never the server's paths.
@@ -266,12 +267,12 @@ def scoring_radio(demo) -> dict:
 def test_the_scoring_radio_offers_what_the_model_computes(served, transformer_served):
     # An ensemble offers T2I, I2T, the ensemble and the baseline, and starts on its own kind.
     radio = scoring_radio(served[2])
-    assert [name for name, _ in radio["choices"]] == list(app.SCORING)
-    assert radio["visible"] is not False and app.SCORING[radio["value"]] == ("t2i", "i2t")
+    assert [name for name, _ in radio["choices"]] == list(app_logic.SCORING)
+    assert radio["visible"] is not False and app_logic.SCORING[radio["value"]] == ("t2i", "i2t")
     # A T2I model offers its own head and the baseline on the same encoders; each one ranks.
     two = scoring_radio(transformer_served[2])
-    assert [app.SCORING[name] for name, _ in two["choices"]] == [("t2i",), ("mean",)]
-    assert app.SCORING[two["value"]] == ("t2i",)
+    assert [app_logic.SCORING[name] for name, _ in two["choices"]] == [("t2i",), ("mean",)]
+    assert app_logic.SCORING[two["value"]] == ("t2i",)
     for name, _ in two["choices"]:
         table = rank(Client(transformer_served[0], verbose=False), handle_file(CAT), "a cat\na dog", scoring=name)[0]
         assert len(table["data"]) == 2

@@ -20,6 +20,7 @@ from PIL import Image
 from skimage import data
 
 import app
+import app_logic
 from adapt import AdaptModel, ConfigError
 from adapt.pipeline import Retriever
 from adapt.regions import (
@@ -339,7 +340,7 @@ def test_photos_to_a_served_checkpoint(tmp_path, weights):
     _, url, _ = demo.launch(prevent_thread_lock=True, max_file_size=app.MAX_FILE_SIZE, server_port=None)
     try:
         table, *_ = Client(url, verbose=False).predict(
-            handle_file(str(images / "coffee.jpg")), "\n".join(captions), next(iter(app.SCORING)), False,
+            handle_file(str(images / "coffee.jpg")), "\n".join(captions), next(iter(app_logic.SCORING)), False,
             api_name="/rank_captions")
     finally:
         demo.close()
