@@ -108,6 +108,13 @@ WORD_VECTOR_SOURCES: dict[str, WordVectorSource] = {
 }
 
 
+def _all_unknown(batch: TokenBatch, unknown_id: int, special: list[int]) -> list[int]:
+    """Rows of ``batch`` whose tokens, padding and ``special`` ids aside, are all ``unknown_id``."""
+    words = batch.mask & ~torch.isin(batch.ids, torch.tensor(special, dtype=batch.ids.dtype))
+    unknown = batch.ids == unknown_id
+    return [i for i in range(len(batch.ids)) if bool(unknown[i][words[i]].all())]
+
+
 class GRUTextEncoder(nn.Module):
     """Reference "gru_glove" text encoder.
 
@@ -167,6 +174,10 @@ class GRUTextEncoder(nn.Module):
         for i, words in enumerate(tokens):
             ids[i, : len(words)] = torch.tensor([self.index.get(w, 1) for w in words])
         return TokenBatch(ids, ids != 0)
+
+    def unknown_word_captions(self, texts: list[str]) -> list[int]:
+        """Positions of the captions none of whose words is in the vocabulary (all ``<unk>``)."""
+        return _all_unknown(self.tokenize(texts), self.index[UNK], [])
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         """``TokenBatch (n, t)`` -> ``(n, t, d)`` unit-norm token features (padding: zeros)."""
@@ -241,6 +252,14 @@ class TransformerTextEncoder(nn.Module):
         encoded = self.tokenizer(list(texts), padding=True, truncation=True,
                                  max_length=self.max_tokens, return_tensors="pt")
         return TokenBatch(encoded["input_ids"], encoded["attention_mask"].bool())
+
+    def unknown_word_captions(self, texts: list[str]) -> list[int]:
+        """Positions of the captions all of whose word pieces (special tokens aside) are ``[UNK]``;
+        none for a tokenizer without an unknown token (byte-level BPE reads everything)."""
+        unknown_id = self.tokenizer.unk_token_id
+        if unknown_id is None:
+            return []
+        return _all_unknown(self.tokenize(texts), unknown_id, sorted(set(self.tokenizer.all_special_ids) - {unknown_id}))
 
     def hidden_states(self, batch: TokenBatch) -> torch.Tensor:
         """The transformer's last hidden states, ``(n, t, hidden_size)`` (padding: zeros).

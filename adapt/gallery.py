@@ -159,14 +159,6 @@ class MemoryGallery:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __deepcopy__(self, memo: dict) -> "MemoryGallery":
-        """A copy that shares the model (read-only here) and the added regions (never changed in
-        place): Gradio deep-copies a session's starting state for every session."""
-        copy = MemoryGallery(self.model)
-        copy._keys, copy._regions, copy._sources = list(self._keys), list(self._regions), list(self._sources)
-        copy._encoded = self._encoded
-        return copy
-
     @property
     def keys(self) -> list[str]:
         """The images' keys, in the order they were first added."""

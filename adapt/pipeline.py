@@ -7,33 +7,28 @@ each region's share of the score so callers can show where the caption looked.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from adapt.cache import RegionCache
 from adapt.device import pick_device
-from adapt.gallery import Gallery, GalleryModelError, SearchHit, region_shares
-from adapt.io import atomic_write
+from adapt.gallery import Gallery, GalleryModelError, SearchHit, region_shares, search_galleries
 from adapt.model import AdaptModel
 from adapt.regions import (
+    ImageError,
     ImageSource,
     RegionExtractor,
     Regions,
     build_extractor,
     check_extractor,
-    comparable_identity,
     load_image,
 )
-
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
-
+from adapt.regions.base import WORKING_MAX_SIDE
 
 @dataclass
 class RankedCaptions:
@@ -42,7 +37,6 @@ class RankedCaptions:
     Attributes:
         captions: the captions, ranked.
         scores: ``(n,)`` their scores, descending.
-        order: ``(n,)`` index of each ranked caption in the input list.
         region_weights: ``(n, k)`` where each ranked caption looked: each region's share of the
             caption's T2I score (see :func:`region_shares`; rows sum to 1), or ``None`` for a model
             without the T2I direction.
@@ -51,79 +45,29 @@ class RankedCaptions:
 
     captions: list[str]
     scores: np.ndarray
-    order: np.ndarray
     region_weights: np.ndarray | None
     regions: Regions
 
 
-class RegionCache:
-    """Regions of images on disk, keyed by the decoded pixels and the extractor identity (the
-    fields of it that :func:`~adapt.regions.check_extractor` compares).
+@dataclass
+class ImageFile:
+    """An image file as :meth:`Retriever.extract_files` read it.
 
-    Re-adding the same picture (any file name or format that decodes to the same pixels) costs a
-    file read, not a detector and backbone pass.
-
-    Args:
-        folder: the cache's root (one sub-folder per extractor identity).
-        identity: the extractor's identity.
-        max_bytes: keep the files of this identity under this many bytes: after each write the least
-            recently used files (oldest modification time; a hit touches its file) are deleted
-            until the rest fit. ``None``: unbounded.
+    Attributes:
+        path: the file.
+        name: what to call it in messages and listings.
+        image: the decoded RGB picture, or ``None`` when it could not be read.
+        key: its content key (see :meth:`RegionCache.key`), ``None`` when unread.
+        regions: its regions, ``None`` when unread.
+        problem: why it could not be read (a message naming ``name``), else ``None``.
     """
 
-    def __init__(self, folder: str | Path, identity: dict, max_bytes: int | None = None) -> None:
-        digest = hashlib.sha256(json.dumps(comparable_identity(identity), sort_keys=True).encode()).hexdigest()[:16]
-        self.folder = Path(folder) / digest
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
-
-    @staticmethod
-    def key(image: Image.Image) -> str:
-        """Content key of an RGB image."""
-        h = hashlib.sha256(f"{image.size}".encode())
-        h.update(image.tobytes())
-        return h.hexdigest()[:32]
-
-    def get(self, key: str) -> Regions | None:
-        """The cached regions of ``key``, or ``None`` when absent or unreadable (then removed)."""
-        path = self.folder / f"{key}.npz"
-        if not path.is_file():
-            return None
-        try:
-            os.utime(path)  # a hit is a use: the least recently used files are trimmed first
-            with np.load(path, allow_pickle=False) as data:
-                return Regions(boxes=data["boxes"], features=data["features"],
-                               labels=[str(x) for x in data["labels"]], scores=data["scores"],
-                               is_fill=data["is_fill"], image_size=tuple(int(x) for x in data["image_size"]))
-        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
-            # A damaged file (cut short by a full disk, or written by hand): a miss, recomputed.
-            path.unlink(missing_ok=True)
-            return None
-
-    def put(self, key: str, regions: Regions) -> None:
-        """Store the regions of ``key``, replacing the file atomically."""
-        atomic_write(self.folder / f"{key}.npz", lambda tmp: np.savez(
-            tmp, boxes=regions.boxes, features=regions.features, labels=np.array(regions.labels, dtype=str),
-            scores=regions.scores, is_fill=regions.is_fill, image_size=np.array(regions.image_size)))
-        if self.max_bytes is not None:
-            self.trim(self.max_bytes)
-
-    def trim(self, max_bytes: int) -> None:
-        """Delete the least recently used files until the rest take at most ``max_bytes``."""
-        files = []
-        for entry in os.scandir(self.folder):
-            try:
-                if entry.name.endswith(".npz") and entry.is_file():
-                    stat = entry.stat()
-                    files.append((stat.st_mtime_ns, stat.st_size, entry.path))
-            except FileNotFoundError:  # removed meanwhile by another process sharing the cache
-                continue
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= max_bytes:
-                break
-            Path(path).unlink(missing_ok=True)
-            total -= size
+    path: str | Path
+    name: str
+    image: Image.Image | None = None
+    key: str | None = None
+    regions: Regions | None = None
+    problem: ImageError | None = None
 
 
 class Retriever:
@@ -162,10 +106,10 @@ class Retriever:
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: str | Path = DEFAULT_CHECKPOINT, device: torch.device | str | None = None,
+        cls, checkpoint: str | Path, device: torch.device | str | None = None,
         **kwargs,
     ) -> "Retriever":
-        """Load a checkpoint (local folder or Hub id; default: the bundled model) and its extractor."""
+        """Load a checkpoint (local folder or Hub id) and its extractor."""
         model = AdaptModel.from_pretrained(str(checkpoint), map_location=str(device or pick_device()))
         return cls(model, **kwargs)
 
@@ -181,14 +125,49 @@ class Retriever:
         Raises:
             adapt.regions.ImageError: the input is not a usable image.
         """
-        loaded = load_image(image, self.extractor.max_pixels)
-        key = RegionCache.key(loaded)
-        cached = self.cache.get(key) if self.cache is not None else None
-        if cached is None:
-            cached = self.extractor.extract(loaded)
+        return self._regions_of([load_image(image, self.extractor.max_pixels)])[0]
+
+    def extract_files(
+        self, paths: Sequence[str | Path], names: Sequence[str] | None = None, max_pixels: int | None = None,
+        max_side: int | None = None, batch_size: int = 8,
+    ) -> Iterator[ImageFile]:
+        """Load and extract image files, ``batch_size`` at a time, yielding each in order (lazily:
+        a caller that stops early costs no further extraction); a file that cannot be read comes
+        with its ``problem`` instead of regions.
+
+        Args:
+            paths: the files.
+            names: what to call each in messages (default: its file name).
+            max_pixels: refuse larger images (default and upper bound: the extractor's).
+            max_side: decode large JPEGs at a reduced scale keeping this side (see
+                :func:`~adapt.regions.load_image`).
+        """
+        names = [Path(p).name for p in paths] if names is None else list(names)
+        max_pixels = min(max_pixels or self.extractor.max_pixels, self.extractor.max_pixels)
+        for start in range(0, len(paths), batch_size):
+            files = [ImageFile(path, name) for path, name in zip(paths[start:start + batch_size],
+                                                                names[start:start + batch_size])]
+            for file in files:
+                try:
+                    file.image = load_image(file.path, max_pixels, max_side=max_side, name=file.name)
+                except ImageError as e:
+                    file.problem = e
+            read = [file for file in files if file.problem is None]
+            for file, (key, regions) in zip(read, self._regions_of([file.image for file in read])):
+                file.key, file.regions = key, regions
+            yield from files
+
+    def _regions_of(self, images: list[Image.Image]) -> list[tuple[str, Regions]]:
+        """Content keys and regions of loaded images, the uncached ones extracted in one batch."""
+        keys = [RegionCache.key(image) for image in images]
+        found = [self.cache.get(key) if self.cache is not None else None for key in keys]
+        missing = [i for i, regions in enumerate(found) if regions is None]
+        extracted = self.extractor.extract_batch([images[i] for i in missing], batch_size=len(missing)) if missing else []
+        for i, regions in zip(missing, extracted):
+            found[i] = regions
             if self.cache is not None:
-                self.cache.put(key, cached)
-        return key, cached
+                self.cache.put(keys[i], regions)
+        return list(zip(keys, found))
 
     @torch.inference_mode()
     def rank_captions(
@@ -207,19 +186,40 @@ class Retriever:
         scores = out.scores[0].cpu().numpy()
         order = np.argsort(-scores, kind="stable")
         weights = None if out.region_attention is None else region_shares(out.region_attention[0])[order]
-        return RankedCaptions([captions[i] for i in order], scores[order], order, weights, regions)
+        return RankedCaptions([captions[i] for i in order], scores[order], weights, regions)
 
     def search(
-        self, gallery: Gallery, caption: str, top_k: int = 10,
+        self, galleries: Sequence[Gallery], caption: str, top_k: int = 10,
         directions: tuple[str, ...] | None = None,
     ) -> list[SearchHit]:
-        """The ``top_k`` gallery images for a caption, best first, with where the caption looked in each.
+        """The ``top_k`` images for a caption over the non-empty ``galleries`` together, best first,
+        with where the caption looked in each (see :func:`~adapt.gallery.search_galleries`).
 
         Raises:
-            GalleryModelError: the gallery holds another model's encodings.
+            GalleryModelError: a gallery holds the encodings of another model.
         """
-        if gallery.model is not self.model:
+        if any(gallery.model is not self.model for gallery in galleries):
             raise GalleryModelError("this gallery holds the encodings of another model than this "
                                     "retriever's: build it with MemoryGallery(retriever.model), or open "
                                     "the index with this retriever's model")
-        return gallery.search([caption], top_k, directions=directions)[0]
+        return search_galleries(galleries, [caption], top_k, directions=directions)[0]
+
+def hit_image(hit: SearchHit, max_pixels: int, name: str | None = None) -> Image.Image | None:
+    """The picture of a search hit (decoded near the extractor's working size), or ``None`` when
+    its file is gone or no longer readable (an upload past its lifetime, a moved original)."""
+    if hit.source is None:
+        return None
+    try:
+        return load_image(hit.source, max_pixels, max_side=WORKING_MAX_SIDE, name=name or hit.key)
+    except ImageError:
+        return None
+
+
+def read_model_card(checkpoint: str | Path) -> str | None:
+    """The text of a local checkpoint's model card (``README.md``) without its YAML header (the
+    Hub's metadata), or ``None`` when it has none."""
+    card = Path(checkpoint) / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8")
+    return text.split("---", 2)[-1] if text.startswith("---") else text

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from adapt.gallery import SearchHit
+from adapt.pipeline import RankedCaptions
 from adapt.regions import Regions
+from adapt.regions.image import shrink_to_max_side
 
 _OUTLINE = (255, 196, 0)
 _DIM = 0.3  # brightness of the least attended pixels
 # Detector labels are shown only at this score or above: below it, SSD's guesses on objects it was
 # never trained on are mostly wrong ("tie" on a cat, "kite" on a lobster, in the real-photo set).
 LABEL_MIN_SCORE = 0.5
+
+
+def regions_in(regions: Regions, size: tuple[int, int]) -> Regions:
+    """``regions`` with their boxes in the pixels of the same picture at ``size`` (a thumbnail)."""
+    if tuple(size) == tuple(regions.image_size):
+        return regions
+    scale = np.array([size[0] / regions.image_size[0], size[1] / regions.image_size[1]] * 2, dtype=np.float32)
+    return dataclasses.replace(regions, boxes=regions.boxes * scale, image_size=tuple(size))
 
 
 def region_label(regions: Regions, i: int) -> str:
@@ -41,9 +54,8 @@ def draw_attention(
         all_boxes: also outline every detected region with its label.
         max_side: the drawing is downscaled to at most this many pixels per side.
     """
-    scale = min(1.0, max_side / max(image.size))
-    canvas = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    boxes = np.asarray(regions.boxes, dtype=np.float64) * scale
+    canvas = shrink_to_max_side(image.convert("RGB"), max_side)
+    boxes = np.asarray(regions_in(regions, canvas.size).boxes, dtype=np.float64)
     if weights is not None:
         light = np.zeros((canvas.height, canvas.width), dtype=np.float64)
         for (x1, y1, x2, y2), w in zip(boxes.round().astype(int), weights):
@@ -67,3 +79,27 @@ def draw_attention(
             draw.rectangle((left - 2, top_ - 1, right + 2, bottom + 1), fill=(0, 0, 0))
             draw.text((x1 + 3, y1 + 2), label, fill=_OUTLINE, font=font)
     return canvas
+
+
+def draw_ranked(image: Image.Image, ranked: RankedCaptions, row: int, all_boxes: bool = False,
+                max_side: int = 1024) -> Image.Image:
+    """The highlight of ranked caption ``row``: ``image`` (the ranked picture, at any size) lit
+    where it looked (:func:`draw_attention`)."""
+    weights = None if ranked.region_weights is None else ranked.region_weights[row]
+    return draw_attention(image, regions_in(ranked.regions, image.size), weights, all_boxes=all_boxes,
+                          max_side=max_side)
+
+
+def draw_hit(image: Image.Image, hit: SearchHit, name: str, rank: int, max_side: int = 1024,
+             top: int = 3) -> tuple[Image.Image, str]:
+    """A search hit's picture (at any size) lit where the caption looked, and what it is: its
+    ``rank`` (1 = best), ``name``, score and ``top`` regions with their shares
+    ("1. dog.jpg (0.412); looked at dog 41%, ...")."""
+    regions = regions_in(hit.regions, image.size)
+    drawing = draw_attention(image, regions, hit.region_weights, top=top, max_side=max_side)
+    looked = ""
+    if hit.region_weights is not None:
+        best = np.argsort(-hit.region_weights, kind="stable")[:top]
+        looked = "; looked at " + ", ".join(f"{region_label(regions, i)} {100 * hit.region_weights[i]:.0f}%"
+                                            for i in best)
+    return drawing, f"{rank}. {name} ({hit.score:.3f}){looked}"

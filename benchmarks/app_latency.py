@@ -23,8 +23,10 @@ import numpy as np
 from PIL import Image
 
 import app
+import app_logic
 from adapt.gallery import MemoryGallery
-from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
+from adapt.pipeline import Retriever
+from checkpoints import DEFAULT_CHECKPOINT
 
 CAPTIONS = "\n".join([
     "a mug", "a red apple", "an orange", "a butterfly", "a soccer ball", "a sliced lime",
@@ -47,11 +49,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         retriever = Retriever.from_pretrained(DEFAULT_CHECKPOINT, cache_dir=Path(tmp) / "cache")
-        demo = app.build_demo(retriever, str(DEFAULT_CHECKPOINT))
+        demo = app.build_demo(app.Demo(retriever), str(DEFAULT_CHECKPOINT))
         demo.queue(default_concurrency_limit=2)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
         client = Client(url, verbose=False)
-        logic = app.Demo(retriever, app.DrawingFiles(Path(tmp) / "drawings"))
+        logic = app.Demo(retriever, app_logic.DrawingFiles(Path(tmp) / "drawings"))
         scoring = logic.choices[0]
         photos = [Image.open(p).convert("RGB") for p in app.EXAMPLES]
         rank_times = []

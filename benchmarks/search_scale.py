@@ -57,6 +57,7 @@ import torch
 from PIL import Image
 
 import app
+import app_logic
 from adapt import AdaptConfig, AdaptModel, build_vocab
 from adapt.gallery import SearchHit
 from adapt.pipeline import Retriever
@@ -136,7 +137,7 @@ def placeholder_details(folder: Path) -> ImageDetails:
 def app_demo(model: AdaptModel, index: GalleryIndex, folder: Path) -> app.Demo:
     """The app's logic serving ``index`` (its extractor, which no synthetic image needs, is the default)."""
     retriever = Retriever(model, extractor=build_extractor(), allow_extractor_mismatch=True)
-    return app.Demo(retriever, app.DrawingFiles(folder / "drawings", keep=100), served=index)
+    return app.Demo(retriever, app_logic.DrawingFiles(folder / "drawings", keep=100), served=index)
 
 
 def timed_app_searches(demo: app.Demo, captions: list[str], top_k: int = 10) -> tuple[list[list[SearchHit]], np.ndarray]:

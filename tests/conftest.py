@@ -1,12 +1,15 @@
 """Shared test set-up, and the helpers more than one test module uses."""
 
 import os
+import socket
+from pathlib import Path
 
 # OpenMP threads that spin while waiting make torch several times slower when the cores are shared
 # (measured: region tests 209 s instead of 55 s on a busy 2-core machine). Must be set before torch
 # loads, which is why it lives here, the first module pytest imports.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from training.synthetic import concept_images, concept_prototypes  # noqa: E402
@@ -18,3 +21,61 @@ def concept_data(n_images: int, n_concepts: int = 12, dim: int = 32, n_regions: 
     image a caption naming the concepts ("thing3 thing7 thing0"); see :mod:`training.synthetic`."""
     images = concept_images(n_images, concept_prototypes(n_concepts, dim), n_regions, seed)
     return torch.from_numpy(images.features), images.captions
+
+
+# ---- the launched app (tests/test_app*.py) ------------------------------------------------------
+
+CAT = str(Path(__file__).resolve().parents[1] / "examples" / "cat.jpg")
+ENSEMBLE = "Ensemble (mean of both)"
+
+
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank(client, image, captions: str, scoring: str = ENSEMBLE, boxes: bool = False):
+    """The app's /rank_captions answer through a gradio_client ``client``."""
+    return client.predict(image, captions, scoring, boxes, api_name="/rank_captions")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small untrained checkpoint on the default extractor (the app's wiring is under test)."""
+    import app
+    from adapt import AdaptConfig, AdaptModel, build_vocab
+    from adapt.regions import build_extractor
+
+    folder = tmp_path_factory.mktemp("checkpoint")
+    extractor = build_extractor()
+    config = AdaptConfig(region_dim=extractor.feature_dim, latent_size=32, similarity="ensemble",
+                         word_vectors="random", word_dim=16, vocab=build_vocab(app.EXAMPLE_CAPTIONS.splitlines()),
+                         extractor=extractor.identity)
+    AdaptModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, tmp_path_factory):
+    """The app on ``checkpoint``, launched in this process: its URL, retriever, Blocks and logic."""
+    import app
+    from adapt.pipeline import Retriever
+
+    retriever = Retriever.from_pretrained(checkpoint, cache_dir=tmp_path_factory.mktemp("cache"))
+    logic = app.Demo(retriever)
+    demo = app.build_demo(logic, str(checkpoint))
+    demo.queue(default_concurrency_limit=2)
+    _, url, _ = demo.launch(prevent_thread_lock=True, show_error=True, max_file_size=app.MAX_FILE_SIZE,
+                            server_port=None)
+    yield url, retriever, demo, logic
+    demo.close()
+
+
+@pytest.fixture
+def client(served):
+    """A gradio_client client of the served app."""
+    from gradio_client import Client
+
+    return Client(served[0], verbose=False)

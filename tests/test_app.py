@@ -10,46 +10,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from adapt import AdaptConfig, AdaptModel, build_vocab
-from adapt.pipeline import Retriever
-from adapt.regions import build_extractor
-
-CAT = str(app.ROOT / "examples" / "cat.jpg")
-ENSEMBLE = "Ensemble (mean of both)"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small untrained checkpoint on the default extractor (the app's wiring is under test)."""
-    folder = tmp_path_factory.mktemp("checkpoint")
-    extractor = build_extractor()
-    captions = app.EXAMPLE_CAPTIONS.splitlines()
-    config = AdaptConfig(region_dim=extractor.feature_dim, latent_size=32, similarity="ensemble",
-                         word_vectors="random", word_dim=16, vocab=build_vocab(captions),
-                         extractor=extractor.identity)
-    AdaptModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def served(checkpoint, tmp_path_factory):
-    retriever = Retriever.from_pretrained(checkpoint, cache_dir=tmp_path_factory.mktemp("cache"))
-    demo = app.build_demo(retriever, str(checkpoint))
-    demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(prevent_thread_lock=True, show_error=True, max_file_size=app.MAX_FILE_SIZE,
-                            server_port=None)
-    yield url, retriever, demo
-    demo.close()
-
-
-@pytest.fixture
-def client(served):
-    return Client(served[0], verbose=False)
-
-
-def rank(client, image, captions, scoring=ENSEMBLE, boxes=False):
-    return client.predict(image, captions, scoring, boxes, api_name="/rank_captions")
-
+import app_logic
+from conftest import CAT, rank
 
 def test_rank_captions_orders_by_score_and_highlights_the_image(client, served):
     captions = "A cat lying on a purple blanket.\nA rocket lifting off from a launch pad.\nzebra stripes"
@@ -63,7 +25,7 @@ def test_rank_captions_orders_by_score_and_highlights_the_image(client, served):
     assert "cat" in [row[1] for row in boxes["data"]]  # the detector's labels, in the regions panel
 
 
-@pytest.mark.parametrize("scoring", [name for name, dirs in app.SCORING.items() if "mean" not in dirs])
+@pytest.mark.parametrize("scoring", [name for name, dirs in app_logic.SCORING.items() if "mean" not in dirs])
 def test_every_scoring_direction_runs(client, scoring):
     table = rank(client, handle_file(CAT), "a cat\na dog", scoring)[0]
     assert len(table["data"]) == 2
@@ -144,7 +106,7 @@ def test_search_with_an_empty_query_is_refused(client):
 def test_region_cache_makes_a_second_query_skip_extraction(served, monkeypatch):
     retriever = served[1]
     retriever.regions(CAT)
-    monkeypatch.setattr(retriever.extractor, "extract", lambda *a, **k: pytest.fail("extracted again"))
+    monkeypatch.setattr(retriever.extractor, "extract_batch", lambda *a, **k: pytest.fail("extracted again"))
     key, regions = retriever.regions(np.asarray(Image.open(CAT)))  # same pixels, another source
     assert regions.features.shape == (36, retriever.extractor.feature_dim)
 
@@ -154,7 +116,7 @@ def test_browser_upload_rank_and_switch_the_highlight(served):
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    url, retriever, _ = served
+    url, retriever, _, _ = served
     expected = retriever.rank_captions(CAT, app.EXAMPLE_CAPTIONS.splitlines()).captions  # the default scoring
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=[

@@ -14,11 +14,13 @@ from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageFile
-from test_app import CAT, checkpoint, client, rank, served  # noqa: F401 (fixtures)
 
 import app
+import app_logic
+from conftest import CAT, rank
 from adapt import AdaptConfig, AdaptModel
-from adapt.pipeline import RegionCache, Retriever
+from adapt.cache import RegionCache
+from adapt.pipeline import Retriever
 from adapt.regions import build_extractor, load_image
 from adapt.search import GalleryIndex
 from training.index import index_images
@@ -43,11 +45,6 @@ def progress_units(job) -> list:
     while not job.communicator.updates.empty():
         updates.append(job.communicator.updates.get_nowait())
     return [unit for u in updates for unit in (getattr(u, "progress_data", None) or [])]
-
-
-def logic(served) -> app.Demo:
-    """The :class:`app.Demo` behind the launched demo."""
-    return next(f for f in served[2].fns.values() if f.api_name == "search_gallery").fn.__self__
 
 
 @pytest.fixture
@@ -93,7 +90,7 @@ def test_a_png_bomb_is_refused_before_decoding(client, tmp_path, decoded_sizes):
     Image.new("L", (13000, 13000)).save(bomb)  # 169 Mpx in a few hundred KB
     with pytest.raises(AppError, match=r"^bomb.png: 13000x13000 = 169,000,000 pixels exceeds"):
         rank(client, handle_file(str(bomb)), "a cat")
-    assert max(decoded_sizes, default=0) <= app.MAX_PIXELS
+    assert max(decoded_sizes, default=0) <= app_logic.MAX_PIXELS
 
 
 def test_a_16_bit_png_is_decoded_by_the_apps_loader(client, served, tmp_path):
@@ -112,7 +109,7 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(client, tmp_path, decoded_si
     Image.new("RGB", (9600, 6400), (200, 120, 40)).save(big, quality=80)  # 61 Mpx > the app's limit
     table = rank(client, handle_file(str(big)), "an orange wall")[0]
     assert len(table["data"]) == 1
-    assert 0 < max(decoded_sizes) <= app.MAX_PIXELS
+    assert 0 < max(decoded_sizes) <= app_logic.MAX_PIXELS
 
 
 def test_the_region_cache_keeps_the_most_recent_images_within_its_budget(client, served, tmp_path, monkeypatch):
@@ -133,8 +130,8 @@ def test_the_region_cache_keeps_the_most_recent_images_within_its_budget(client,
 
 def test_drawings_are_files_in_gradios_cache_deleted_on_its_schedule_and_bounded(served, tmp_path):
     assert served[2].delete_cache == app.DELETE_CACHE
-    assert logic(served).drawings.folder.is_relative_to(get_upload_folder())
-    drawings = app.DrawingFiles(tmp_path, keep=2)
+    assert served[3].drawings.folder.is_relative_to(get_upload_folder())
+    drawings = app_logic.DrawingFiles(tmp_path, keep=2)
     paths = [drawings.save(Image.new("RGB", (8, 8))) for _ in range(3)]
     assert [Path(p).exists() for p in paths] == [False, True, True]
 
@@ -182,17 +179,17 @@ def test_adding_images_reports_progress_with_a_count(served, tmp_path):
 def test_too_many_files_at_once_are_refused_and_adding_has_its_own_queue(client, served, tmp_path):
     path = tmp_path / "one.png"
     Image.open(CAT).save(path)
-    with pytest.raises(AppError, match=f"add at most {app.MAX_FILES_PER_ADD} at a time"):
-        client.predict([handle_file(str(path))] * (app.MAX_FILES_PER_ADD + 1), api_name="/add_images")
+    with pytest.raises(AppError, match=f"add at most {app_logic.MAX_FILES_PER_ADD} at a time"):
+        client.predict([handle_file(str(path))] * (app_logic.MAX_FILES_PER_ADD + 1), api_name="/add_images")
     add = next(f for f in served[2].fns.values() if f.api_name == "add_images")
     others = [f for f in served[2].fns.values() if f.api_name in ("rank_captions", "search_gallery")]
     assert add.concurrency_limit == 1 and all(f.concurrency_id != add.concurrency_id for f in others)
 
 
 def test_a_search_while_the_kernels_build_says_so(served, monkeypatch):
-    monkeypatch.setattr(logic(served), "kernels_building", lambda: True)
+    monkeypatch.setattr(served[3], "kernels_building", lambda: True)
     job = Client(served[0], verbose=False).submit("a cat", 2, api_name="/search_gallery")
-    assert (app.KERNELS_MESSAGE, "info") in messages(job)
+    assert (app_logic.KERNELS_MESSAGE, "info") in messages(job)
 
 
 # 7. The user's file names, never the server's paths.
@@ -225,7 +222,7 @@ def transformer_served(tmp_path_factory):
     AdaptModel(AdaptConfig(region_dim=extractor.feature_dim, latent_size=32, similarity="t2i",
                            text_encoder="transformer", extractor=extractor.identity)).save_pretrained(folder)
     retriever = Retriever.from_pretrained(folder, cache_dir=tmp_path_factory.mktemp("cache"))
-    demo = app.build_demo(retriever, str(folder))
+    demo = app.build_demo(app.Demo(retriever), str(folder))
     yield launch(demo), retriever, demo
     demo.close()
 
@@ -270,12 +267,12 @@ def scoring_radio(demo) -> dict:
 def test_the_scoring_radio_offers_what_the_model_computes(served, transformer_served):
     # An ensemble offers T2I, I2T, the ensemble and the baseline, and starts on its own kind.
     radio = scoring_radio(served[2])
-    assert [name for name, _ in radio["choices"]] == list(app.SCORING)
-    assert radio["visible"] is not False and app.SCORING[radio["value"]] == ("t2i", "i2t")
+    assert [name for name, _ in radio["choices"]] == list(app_logic.SCORING)
+    assert radio["visible"] is not False and app_logic.SCORING[radio["value"]] == ("t2i", "i2t")
     # A T2I model offers its own head and the baseline on the same encoders; each one ranks.
     two = scoring_radio(transformer_served[2])
-    assert [app.SCORING[name] for name, _ in two["choices"]] == [("t2i",), ("mean",)]
-    assert app.SCORING[two["value"]] == ("t2i",)
+    assert [app_logic.SCORING[name] for name, _ in two["choices"]] == [("t2i",), ("mean",)]
+    assert app_logic.SCORING[two["value"]] == ("t2i",)
     for name, _ in two["choices"]:
         table = rank(Client(transformer_served[0], verbose=False), handle_file(CAT), "a cat\na dog", scoring=name)[0]
         assert len(table["data"]) == 2
@@ -360,8 +357,8 @@ def gallery_served(checkpoint, tmp_path_factory):
     retriever = Retriever.from_pretrained(checkpoint, cache_dir=tmp_path_factory.mktemp("cache"))
     folder = tmp_path_factory.mktemp("served") / "index"
     built = GalleryIndex.create(folder, retriever.model)
-    index_images(built, retriever.extractor, photos, sorted(p.name for p in photos.iterdir()), thumbnail_size=256)
-    demo = app.build_demo(retriever, str(checkpoint), served=GalleryIndex.open(folder, retriever.model))
+    index_images(built, retriever, photos, sorted(p.name for p in photos.iterdir()), thumbnail_size=256)
+    demo = app.build_demo(app.Demo(retriever, served=GalleryIndex.open(folder, retriever.model)), str(checkpoint))
     yield launch(demo), retriever, demo
     demo.close()
 
@@ -378,7 +375,7 @@ def test_a_served_gallery_is_searched_with_the_sessions_uploads(gallery_served):
 
 def test_a_gallery_that_cannot_be_served_is_explained_in_the_search_tab(served):
     problem = "The gallery index is not served: /x was built with a different model (latent_size: index 8, model 32)."
-    demo = app.build_demo(served[1], "checkpoint", served_problem=problem)
+    demo = app.build_demo(app.Demo(served[1], served_problem=problem), "checkpoint")
     status = next(c["props"]["value"] for c in demo.config["components"] if c["props"].get("elem_id") == "gallery-status")
     assert status.startswith(problem) and "sample" not in status
 

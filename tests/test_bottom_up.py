@@ -20,6 +20,7 @@ from PIL import Image
 from skimage import data
 
 import app
+import app_logic
 from adapt import AdaptModel, ConfigError
 from adapt.pipeline import Retriever
 from adapt.regions import (
@@ -335,11 +336,11 @@ def test_photos_to_a_served_checkpoint(tmp_path, weights):
     ranked = retriever.rank_captions(images / "coffee.jpg", captions)
     assert sorted(ranked.captions) == sorted(captions) and (np.diff(ranked.scores) <= 0).all()
 
-    demo = app.build_demo(retriever, str(tmp_path / "upload"))
+    demo = app.build_demo(app.Demo(retriever), str(tmp_path / "upload"))
     _, url, _ = demo.launch(prevent_thread_lock=True, max_file_size=app.MAX_FILE_SIZE, server_port=None)
     try:
         table, *_ = Client(url, verbose=False).predict(
-            handle_file(str(images / "coffee.jpg")), "\n".join(captions), next(iter(app.SCORING)), False,
+            handle_file(str(images / "coffee.jpg")), "\n".join(captions), next(iter(app_logic.SCORING)), False,
             api_name="/rank_captions")
     finally:
         demo.close()

@@ -2,7 +2,6 @@
 checks are in test_real_photos.py)."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from adapt import AdaptModel
-from adapt.pipeline import DEFAULT_CHECKPOINT
+from checkpoints import DEFAULT_CHECKPOINT
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +33,6 @@ def test_default_checkpoint_is_small_and_carries_its_card():
     card = (DEFAULT_CHECKPOINT / "README.md").read_text(encoding="utf-8")
     assert "rsum" in card and "baseline" in card.lower()
     assert AdaptModel.from_pretrained(DEFAULT_CHECKPOINT).config.extractor is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_readme_run_command_serves_the_bundled_model_offline(tmp_path):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from adapt import AdaptConfig, AdaptModel
 from adapt.gallery import MemoryGallery
 from adapt.pipeline import Retriever
 from adapt.search import GalleryIndex, ImageDetails, QdrantFirstStage
+from checkpoints import DEFAULT_CHECKPOINT
+from conftest import free_port
 from training import index as build
 
 SKIMAGE = Path(skimage.__file__).parent / "data"
@@ -80,7 +81,7 @@ def built(photos, tmp_path_factory) -> tuple[Path, str]:
 
 def test_the_cli_resumes_after_a_kill_with_nothing_lost_or_twice(built, photos):
     index, stderr = built
-    opened = GalleryIndex.open(index, AdaptModel.from_pretrained(app.DEFAULT_CHECKPOINT))
+    opened = GalleryIndex.open(index, AdaptModel.from_pretrained(DEFAULT_CHECKPOINT))
     ids = [key for shard in opened.shards for key in shard.ids]
     assert sorted(ids) == sorted(p.name for p in PHOTOS), "every photo once"
     assert len(list((index / build.THUMBNAILS).glob("*.jpg"))) == len(PHOTOS)
@@ -102,12 +103,6 @@ def test_the_cli_resumes_after_a_kill_with_nothing_lost_or_twice(built, photos):
         (photos / "orange.jpg").unlink()
     assert again.returncode == 0, stderr
     assert f"{len(PHOTOS) + 1} images (1 added now)" in stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_app_serves_the_gallery_and_finds_the_right_photo(built, tmp_path):
@@ -138,7 +133,7 @@ def test_the_app_serves_the_gallery_and_finds_the_right_photo(built, tmp_path):
 
 
 def test_an_index_of_another_model_is_refused_naming_the_difference(built):
-    config = AdaptModel.from_pretrained(app.DEFAULT_CHECKPOINT).config
+    config = AdaptModel.from_pretrained(DEFAULT_CHECKPOINT).config
     other = AdaptModel(AdaptConfig(**{**config.to_dict(), "lambda_t2i": config.lambda_t2i + 1}))
     served, problem = app.open_gallery(str(built[0]), other)
     assert served is None and problem.startswith("The gallery index is not served: ")
@@ -148,7 +143,7 @@ def test_an_index_of_another_model_is_refused_naming_the_difference(built):
 
 @pytest.fixture(scope="module")
 def retriever() -> Retriever:
-    return Retriever.from_pretrained()
+    return Retriever.from_pretrained(DEFAULT_CHECKPOINT)
 
 
 def test_memory_faiss_and_qdrant_galleries_give_the_same_hits_on_real_photos(photos, retriever, tmp_path):

@@ -8,7 +8,8 @@ from PIL import Image
 
 from adapt import AdaptConfig, AdaptModel, build_vocab
 from adapt.gallery import GalleryModelError, MemoryGallery
-from adapt.pipeline import RegionCache, Retriever
+from adapt.cache import RegionCache
+from adapt.pipeline import Retriever
 from adapt.regions import ExtractorMismatchError, PooledRegionExtractor, Regions
 from adapt.regions.base import Detections
 from adapt.visualize import draw_attention
@@ -116,10 +117,10 @@ def test_gallery_add_replaces_an_existing_key(model):
     gallery = MemoryGallery(retriever.model)
     gallery.add("a", old)
     gallery.add("b", other)
-    assert {hit.key: hit.regions for hit in retriever.search(gallery, CAPTIONS[0])}["a"] is old
+    assert {hit.key: hit.regions for hit in retriever.search([gallery], CAPTIONS[0])}["a"] is old
     gallery.add("a", new)
     assert gallery.keys == ["a", "b"] and gallery.regions == [new, other]
-    hits = {hit.key: hit for hit in retriever.search(gallery, CAPTIONS[0])}
+    hits = {hit.key: hit for hit in retriever.search([gallery], CAPTIONS[0])}
     assert len(hits) == 2 and hits["a"].regions is new, "the encoded gallery was rebuilt"
     expected = retriever.rank_captions(new, [CAPTIONS[0]]).scores[0]
     assert hits["a"].score == pytest.approx(float(expected), abs=1e-6)
@@ -131,7 +132,7 @@ def test_a_gallery_is_searched_only_with_the_model_that_encoded_it(model):
     gallery = MemoryGallery(other)
     gallery.add("a", retriever.regions(picture(1))[1])
     with pytest.raises(GalleryModelError, match="another model"):
-        retriever.search(gallery, CAPTIONS[0])
+        retriever.search([gallery], CAPTIONS[0])
 
 
 def test_draw_attention_lights_the_most_attended_box_brightest():

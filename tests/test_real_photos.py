@@ -9,7 +9,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
+from adapt.pipeline import Retriever
+from checkpoints import DEFAULT_CHECKPOINT
 from training.real_photos import (
     DEFAULT_SET, conse_reference_scores, format_metrics, installed, misses, read_set, real_photo_scores,
     split_metrics,

@@ -28,8 +28,8 @@ from adapt.regions import (
     fill_boxes,
     load_image,
 )
-from adapt.pipeline import DEFAULT_CHECKPOINT
 from adapt.regions.base import LABEL_DIM, SCENE_DIM
+from checkpoints import DEFAULT_CHECKPOINT
 
 # Hand-measured object boxes (x1, y1, x2, y2) in the scikit-image sample photos.
 OBJECTS = {

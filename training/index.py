@@ -52,19 +52,17 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from adapt.model import AdaptModel, CheckpointError  # noqa: E402
-from adapt.pipeline import DEFAULT_CHECKPOINT  # noqa: E402
+from adapt.pipeline import Retriever  # noqa: E402
 from adapt.device import pick_device  # noqa: E402
 from adapt.regions import (  # noqa: E402
     ExtractorError,
     ExtractorMismatchError,
     ImageError,
-    RegionExtractor,
-    Regions,
-    build_extractor,
     check_extractor,
     load_image,
 )
 from adapt.search import DEFAULT_SHARD_SIZE, GalleryIndex, GalleryIndexError, ImageDetails, QdrantFirstStage  # noqa: E402
+from checkpoints import DEFAULT_CHECKPOINT  # noqa: E402
 from training.data import DatasetError, load_image_rows, read_extractor  # noqa: E402
 from training.extract import ExtractError, read_records  # noqa: E402
 
@@ -182,28 +180,23 @@ class Builder:
 
 
 def index_images(
-    index: GalleryIndex, extractor: RegionExtractor, images_dir: Path, keys: Sequence[str],
+    index: GalleryIndex, retriever: Retriever, images_dir: Path, keys: Sequence[str],
     batch_size: int = 8, commit_every: int = 64, thumbnail_size: int = 384,
 ) -> Builder:
-    """Extract and add the images ``keys`` (paths relative to ``images_dir``) the index lacks."""
-    fewest, most = extractor.regions_per_image
+    """Extract (with ``retriever``'s extractor) and add the images ``keys`` (paths relative to
+    ``images_dir``) the index lacks."""
+    fewest, most = retriever.extractor.regions_per_image
     if fewest != most:
-        raise IndexBuildError(f"{extractor.name} gives images {fewest} to {most} regions; an index holds a fixed "
-                              "number per image")
+        raise IndexBuildError(f"{retriever.extractor.name} gives images {fewest} to {most} regions; an index holds "
+                              "a fixed number per image")
     todo = [k for k in keys if k not in index]
     builder = Builder(index, len(keys), len(keys) - len(todo), commit_every)
-    for start in range(0, len(todo), batch_size):
-        loaded: list[tuple[str, Path, Image.Image]] = []
-        for key in todo[start:start + batch_size]:
-            try:
-                loaded.append((key, images_dir / key, load_image(images_dir / key, extractor.max_pixels, name=key)))
-            except ImageError as e:
-                builder.skip(key, str(e))
-        regions: list[Regions] = extractor.extract_batch([image for _, _, image in loaded],
-                                                         batch_size=max(1, len(loaded)))
-        for (key, path, image), region in zip(loaded, regions):
-            source = shown_as(index.folder, key, path, image, thumbnail_size)
-            builder.add(key, region.features, region.boxes, ImageDetails.of(region, source))
+    for file in retriever.extract_files([images_dir / key for key in todo], names=todo, batch_size=batch_size):
+        if file.problem is not None:
+            builder.skip(file.name, str(file.problem))
+            continue
+        source = shown_as(index.folder, file.name, file.path, file.image, thumbnail_size)
+        builder.add(file.name, file.regions.features, file.regions.boxes, ImageDetails.of(file.regions, source))
     builder.finish()
     return builder
 
@@ -315,8 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise IndexBuildError(f"{args.checkpoint} does not name the region extractor of its training "
                                           "features, so images cannot be extracted for it: index --features")
                 keys = list(_keys(args))
-                extractor = build_extractor(model.config.extractor, device=model.device)
-                index_images(index, extractor, args.images, keys, args.batch_size, args.commit_every,
+                index_images(index, Retriever(model), args.images, keys, args.batch_size, args.commit_every,
                              args.thumbnail_size)
         finally:
             index.close()

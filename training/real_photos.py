@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
+from adapt.pipeline import Retriever
 from adapt.regions import Regions, load_image
 from adapt.resources import installed_path
+from checkpoints import DEFAULT_CHECKPOINT
 from training.metrics import retrieval_metrics
 
 DEFAULT_SET = Path(__file__).with_name("real_photos.json")
