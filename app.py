@@ -39,7 +39,7 @@ from adapt.pipeline import DEFAULT_CHECKPOINT, RankedCaptions, Retriever
 from adapt.regions import ImageError, Regions, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
 from adapt.search import GalleryIndex, GalleryIndexError
-from adapt.visualize import draw_attention, region_label
+from adapt.visualize import draw_attention, looked_at
 
 logger = logging.getLogger("adapt.app")
 
@@ -397,11 +397,7 @@ class Demo:
             return None, ""
         regions = regions_in(hit.regions, image.size)
         drawing = draw_attention(image, regions, hit.region_weights, max_side=DRAWING_MAX_SIDE)
-        looked = ""
-        if hit.region_weights is not None:
-            top = np.argsort(-hit.region_weights, kind="stable")[:3]
-            looked = "; looked at " + ", ".join(f"{region_label(regions, i)} {100 * hit.region_weights[i]:.0f}%"
-                                               for i in top)
+        looked = "" if hit.region_weights is None else "; looked at " + looked_at(regions, hit.region_weights)
         return self.drawings.save(drawing), f"{row + 1}. {state['names'].get(hit.key, hit.key)} ({hit.score:.3f}){looked}"
 
     def highlight_hit(self, rank: float | None, state: dict | None) -> tuple[str | None, str]:
