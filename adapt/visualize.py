@@ -34,16 +34,63 @@ def region_label(regions: Regions, i: int) -> str:
     return "region" if not regions.is_fill[i] else "whole image" if i == 0 else "area"
 
 
+def _whole_image_fills(regions: Regions) -> np.ndarray:
+    """``(k,)`` bool: which regions are fills spanning the whole image (to a pixel)."""
+    width, height = regions.image_size
+    spans_all = np.all(np.abs(np.asarray(regions.boxes) - [0, 0, width, height]) < 1, axis=1)
+    return spans_all & np.asarray(regions.is_fill)
+
+
+def pointable_regions(regions: Regions) -> np.ndarray:
+    """Indices of the regions a highlight may point at: the detected ones.
+
+    Fills are left out: the whole-image region holds every object, so it often takes the largest
+    share of a caption's score without saying where the named object is. When the detector found
+    nothing, the fills that do not span the whole image (grid cells) are all there is to point at.
+    """
+    detected = np.flatnonzero(~np.asarray(regions.is_fill))
+    if len(detected):
+        return detected
+    cells = np.flatnonzero(~_whole_image_fills(regions))
+    return cells if len(cells) else np.arange(len(regions.boxes))
+
+
+def pointed_regions(regions: Regions, weights: np.ndarray, top: int = 3) -> np.ndarray:
+    """The ``top`` :func:`pointable_regions` that a caption weights most, most attended first.
+
+    Args:
+        regions: the image's ``k`` regions.
+        weights: ``(k,)`` each region's share of the caption's score.
+        top: how many to return.
+    """
+    candidates = pointable_regions(regions)
+    return candidates[np.argsort(-weights[candidates], kind="stable")][:top]
+
+
+def whole_image_share(regions: Regions, weights: np.ndarray) -> float:
+    """The summed share of the fills that span the whole image (0 when there are none)."""
+    return float(weights[_whole_image_fills(regions)].sum())
+
+
+def looked_at(regions: Regions, weights: np.ndarray, top: int = 3) -> str:
+    """Where a caption looked, in words: its :func:`pointed_regions` with their shares, then the
+    whole image's share ("dog 31%, person 12%, horse 9%; whole image 40%")."""
+    named = ", ".join(f"{region_label(regions, i)} {100 * weights[i]:.0f}%" for i in pointed_regions(regions, weights, top))
+    whole = whole_image_share(regions, weights)
+    return f"{named}; whole image {100 * whole:.0f}%" if whole > 0 else named
+
+
 def draw_attention(
     image: Image.Image, regions: Regions, weights: np.ndarray | None, top: int = 3,
     all_boxes: bool = False, max_side: int = 1024,
 ) -> Image.Image:
     """The image lit where a caption looked, with the ``top`` detected regions outlined.
 
-    A pixel's light is the summed weight of the regions covering it, scaled so the brightest pixel
-    keeps its colour and the least attended are dimmed to 30 %. Outlines go to detected regions
-    (fills, such as the whole-image region, cover too much to point at anything), labelled with
-    :func:`region_label` and their share.
+    Light and outlines go to :func:`pointable_regions` (the detected ones): a pixel's light is the
+    summed weight of those covering it, scaled so the brightest pixel keeps its colour and the
+    least attended are dimmed to 30 %. The ``top`` of them (:func:`pointed_regions`) are outlined,
+    labelled with :func:`region_label` and their share; the whole image's share, which often is
+    the largest but points at nothing, is written in the bottom-left corner.
 
     Args:
         image: the RGB image the regions were extracted from.
@@ -58,8 +105,9 @@ def draw_attention(
     boxes = np.asarray(regions_in(regions, canvas.size).boxes, dtype=np.float64)
     if weights is not None:
         light = np.zeros((canvas.height, canvas.width), dtype=np.float64)
-        for (x1, y1, x2, y2), w in zip(boxes.round().astype(int), weights):
-            light[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] += w
+        for i in pointable_regions(regions):
+            x1, y1, x2, y2 = boxes[i].round().astype(int)
+            light[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] += weights[i]
         light = (light - light.min()) / max(light.max() - light.min(), 1e-12)
         pixels = np.asarray(canvas, dtype=np.float64) * (_DIM + (1 - _DIM) * light[..., None])
         canvas = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
@@ -70,14 +118,17 @@ def draw_attention(
             draw.rectangle(boxes[i].tolist(), outline=(120, 200, 255), width=1)
             draw.text((boxes[i][0] + 3, boxes[i][1] + 2), region_label(regions, i), fill=(120, 200, 255), font=font)
     if weights is not None:
-        detected = np.flatnonzero(~np.asarray(regions.is_fill))
-        for i in detected[np.argsort(-weights[detected], kind="stable")][:top]:
-            x1, y1, x2, y2 = boxes[i].tolist()
-            draw.rectangle((x1, y1, x2, y2), outline=_OUTLINE, width=max(2, canvas.width // 300))
-            label = f"{region_label(regions, i)} {100 * weights[i]:.0f}%"
-            left, top_, right, bottom = draw.textbbox((x1 + 3, y1 + 2), label, font=font)
+        pointed = pointed_regions(regions, weights, top)
+        for i in pointed:
+            draw.rectangle(boxes[i].tolist(), outline=_OUTLINE, width=max(2, canvas.width // 300))
+        labels = [(boxes[i][:2], f"{region_label(regions, i)} {100 * weights[i]:.0f}%") for i in pointed]
+        whole = whole_image_share(regions, weights)
+        if whole > 0:
+            labels.append(((0, canvas.height - font.size - 8), f"whole image {100 * whole:.0f}%"))
+        for (x, y), label in labels:
+            left, top_, right, bottom = draw.textbbox((x + 3, y + 2), label, font=font)
             draw.rectangle((left - 2, top_ - 1, right + 2, bottom + 1), fill=(0, 0, 0))
-            draw.text((x1 + 3, y1 + 2), label, fill=_OUTLINE, font=font)
+            draw.text((x + 3, y + 2), label, fill=_OUTLINE, font=font)
     return canvas
 
 
@@ -93,13 +144,9 @@ def draw_ranked(image: Image.Image, ranked: RankedCaptions, row: int, all_boxes:
 def draw_hit(image: Image.Image, hit: SearchHit, name: str, rank: int, max_side: int = 1024,
              top: int = 3) -> tuple[Image.Image, str]:
     """A search hit's picture (at any size) lit where the caption looked, and what it is: its
-    ``rank`` (1 = best), ``name``, score and ``top`` regions with their shares
-    ("1. dog.jpg (0.412); looked at dog 41%, ...")."""
+    ``rank`` (1 = best), ``name``, score and ``top`` detected regions with their shares (:func:`looked_at`)
+    ("1. dog.jpg (0.412); looked at dog 41%, ...; whole image 30%")."""
     regions = regions_in(hit.regions, image.size)
     drawing = draw_attention(image, regions, hit.region_weights, top=top, max_side=max_side)
-    looked = ""
-    if hit.region_weights is not None:
-        best = np.argsort(-hit.region_weights, kind="stable")[:top]
-        looked = "; looked at " + ", ".join(f"{region_label(regions, i)} {100 * hit.region_weights[i]:.0f}%"
-                                            for i in best)
+    looked = "" if hit.region_weights is None else "; looked at " + looked_at(regions, hit.region_weights, top)
     return drawing, f"{rank}. {name} ({hit.score:.3f}){looked}"
