@@ -16,6 +16,11 @@ files, so decoding counts. Each configuration runs in its own process (its own p
   proposals, each through res5; per-class NMS; k boxes). Its weights are random (the published
   ones are not available offline; the cost does not depend on the values), written to a temporary file.
 
+- ``bottom-up: per stage``: one 600 x 1000 photo through each stage (input, backbone, RPN, box
+  head, predictor, per-class NMS), the median of ``--repeats`` passes; the per-class NMS both as
+  adapt runs it (all classes at once) and as it ran before (one torchvision ``nms`` call per class,
+  :func:`nms_per_class_loop`, kept here only as the baseline), the same photo in the same process.
+
 ``--small`` (3 photos, 1 timed pass) is a quick check; bottom-up attention costs seconds per image on CPU.
 
 The first pass over the photos is a warm-up and is not timed. Target (default backend): >= 5 images/s at k = 36 on 2 CPU
@@ -40,8 +45,9 @@ import numpy as np
 from PIL import Image
 
 MODES = {"detector": "detector only (baseline)", "batch1": "extract, batch 1", "batch8": "extract, batch 8",
-         "bua-backbone": "bottom-up: backbone (baseline)", "bua-extract": "bottom-up: extract"}
-BACKENDS = {"ssd": ("detector", "batch1", "batch8"), "bottom-up": ("bua-backbone", "bua-extract")}
+         "bua-backbone": "bottom-up: backbone (baseline)", "bua-extract": "bottom-up: extract",
+         "bua-stages": "bottom-up: per stage"}
+BACKENDS = {"ssd": ("detector", "batch1", "batch8"), "bottom-up": ("bua-backbone", "bua-extract", "bua-stages")}
 
 
 def write_photos(folder: Path) -> list[Path]:
@@ -72,6 +78,52 @@ def write_random_bottom_up_weights(path: Path) -> Path:
     return path
 
 
+def nms_per_class_loop(boxes, class_probs, nms_iou: float):
+    """The per-class confidence as adapt computed it before: one ``torchvision.ops.nms`` per class.
+
+    Args and result as :func:`adapt.regions.bottom_up.per_class_confidence` (``(R, 4)``, ``(R, C)`` -> ``(R,)``).
+    """
+    import torch
+    from torchvision.ops import nms
+
+    confidence = torch.zeros(len(boxes), device=boxes.device)
+    for scores in class_probs.t():
+        kept = nms(boxes, scores, nms_iou)
+        confidence[kept] = torch.maximum(confidence[kept], scores[kept])
+    return confidence
+
+
+def stages(extractor, path: Path, repeats: int) -> dict[str, float]:
+    """Median seconds of each bottom-up stage on one photo resized to 1000 x 600 (a 600 x 1000 input)."""
+    import torch
+
+    from adapt.regions import load_image
+    from adapt.regions.bottom_up import NUM_CLASSES, caffe_input, per_class_confidence
+
+    photo = load_image(path).resize((extractor.max_side, extractor.short_side))
+    model, times = extractor.model, {}
+
+    def clock(name: str, run):
+        start = time.perf_counter()
+        result = run()
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        return result
+
+    with torch.inference_mode():
+        for _ in range(repeats):
+            x = clock("input", lambda: caffe_input(photo, extractor.short_side, extractor.max_side, extractor.device))
+            res4 = clock("backbone", lambda: model.backbone(x))
+            proposals = clock("rpn", lambda: model.proposal_generator(res4, tuple(x.shape[-2:]), extractor.num_proposals))
+            features = clock("box head", lambda: model.roi_heads.pool(res4, proposals))
+            logits = clock("predictor", lambda: model.roi_heads.box_predictor(features)[0])
+            probs = logits.softmax(dim=1)[:, :NUM_CLASSES]
+            new = clock("nms, all classes", lambda: per_class_confidence(proposals, probs, extractor.nms_iou))
+            old = clock("nms, loop (before)", lambda: nms_per_class_loop(proposals, probs, extractor.nms_iou))
+            if not torch.equal(new, old):
+                raise AssertionError("the per-class NMS differs from the loop's")
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
 def child(mode: str, folder: Path, repeats: int, num_regions: int, photos: int) -> dict[str, float]:
     """Time one configuration in this process; returns images/s and peak RSS."""
     import torch
@@ -84,6 +136,8 @@ def child(mode: str, folder: Path, repeats: int, num_regions: int, photos: int) 
     else:
         extractor = SsdEfficientNetExtractor(num_regions=num_regions)
     paths = sorted(folder.glob("*.jpg"))[:photos]
+    if mode == "bua-stages":
+        return stages(extractor, folder / "astronaut.jpg", repeats)
 
     def one_pass() -> None:
         if mode == "detector":
@@ -107,6 +161,18 @@ def child(mode: str, folder: Path, repeats: int, num_regions: int, photos: int) 
     return {"images_per_s": n_images / seconds, "cpu_ms_per_image": 1000 * cpu / n_images,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch_threads": torch.get_num_threads()}
+
+
+def print_stages(seconds: dict[str, float]) -> None:
+    """Each stage's median seconds, the whole before and after, and their ratio."""
+    after = sum(v for k, v in seconds.items() if k != "nms, loop (before)")
+    before = after - seconds["nms, all classes"] + seconds["nms, loop (before)"]
+    print("bottom-up, one 600 x 1000 photo, median seconds per stage:")
+    for name, value in seconds.items():
+        print(f"  {name:<26} {value:>9.3f}")
+    print(f"  {'whole, before':<26} {before:>9.3f}\n  {'whole, after':<26} {after:>9.3f}\n"
+          f"  {'before / after':<26} {before / after:>9.3f}  (per-class NMS alone: "
+          f"{seconds['nms, loop (before)'] / seconds['nms, all classes']:.1f}x)")
 
 
 def cpu_seconds() -> float:
@@ -147,9 +213,12 @@ def main() -> None:
                  "--num-regions", str(args.num_regions), "--photos", str(args.photos)],
                 check=True, capture_output=True, text=True).stdout
             result = json.loads(output.strip().splitlines()[-1])
+            if mode == "bua-stages":
+                print_stages(result)
+                continue
             print(f"{title:<28} {result['images_per_s']:>9.2f} {1000 / result['images_per_s']:>9.0f} "
                   f"{result['cpu_ms_per_image']:>13.0f} {result['peak_rss_mb']:>7.0f} MB")
-        print(f"torch threads {result['torch_threads']}; load average after: {os.getloadavg()[0]:.2f}")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

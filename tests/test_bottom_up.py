@@ -222,6 +222,17 @@ def test_per_class_nms_then_the_most_confident():
     assert select_regions(confidence, 9, 9, 0.2).tolist() == [2, 0, 1, 3, 4]  # fewer boxes than asked
 
 
+def test_per_class_nms_of_all_classes_at_once_equals_one_torchvision_nms_per_class():
+    from benchmarks.extract_speed import nms_per_class_loop
+
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(80, 2, generator=generator) * 300
+    boxes = torch.cat([corners, corners + torch.rand(80, 2, generator=generator) * 200 + 1], dim=1)
+    probs = (3 * torch.randn(80, NUM_CLASSES + 1, generator=generator)).softmax(dim=1)[:, :NUM_CLASSES]
+    for scores in (probs, probs.round(decimals=3)):  # the rounded scores have ties
+        assert torch.equal(per_class_confidence(boxes, scores, 0.3), nms_per_class_loop(boxes, scores, 0.3))
+
+
 def test_adaptive_count_whole_image_geometry_and_vocabulary_labels(tmp_path, weights):
     objects, attributes = tmp_path / "objects_vocab.txt", tmp_path / "attributes_vocab.txt"
     objects.write_text("".join(f"thing{i},synonym\n" for i in range(NUM_CLASSES)))

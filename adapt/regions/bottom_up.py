@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from torchvision.ops import nms
+from torchvision.ops import box_iou
 
 from adapt.regions.base import (
     DEFAULT_NUM_REGIONS,
@@ -87,11 +87,21 @@ def per_class_confidence(boxes: torch.Tensor, class_probs: torch.Tensor, nms_iou
     Returns:
         (R,) confidences (0 for a box suppressed in every class).
     """
-    confidence = torch.zeros(len(boxes), device=boxes.device)
-    for scores in class_probs.t():
-        kept = nms(boxes, scores, nms_iou)
-        confidence[kept] = torch.maximum(confidence[kept], scores[kept])
-    return confidence
+    # Greedy NMS of all classes at once: the boxes are shared, so one IoU matrix serves every class,
+    # and step i visits each class's i-th best box (torchvision's nms: stable descending order,
+    # suppress at IoU > nms_iou). 1600 separate nms calls cost ~30x more on CPU.
+    n_classes, n_boxes = class_probs.shape[1], len(boxes)
+    overlaps = box_iou(boxes, boxes) > nms_iou
+    order = class_probs.t().argsort(dim=1, descending=True, stable=True)
+    # Flat (class, box) indices: index_select / index_copy_ beat 2-d advanced indexing in the loop.
+    flat = (order + n_boxes * torch.arange(n_classes, device=boxes.device)[:, None]).t().contiguous()
+    suppressed = torch.zeros(n_classes, n_boxes, dtype=torch.bool, device=boxes.device)
+    kept = torch.zeros(n_classes * n_boxes, dtype=torch.bool, device=boxes.device)
+    for step in range(n_boxes):
+        survives = ~suppressed.view(-1).index_select(0, flat[step])
+        kept.index_copy_(0, flat[step], survives)
+        suppressed |= overlaps.index_select(0, order[:, step]) & survives[:, None]
+    return (class_probs * kept.view(n_classes, n_boxes).t()).amax(dim=1)
 
 
 def select_regions(confidence: torch.Tensor, min_count: int, max_count: int, threshold: float) -> torch.Tensor:
