@@ -110,6 +110,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def connect(server: subprocess.Popen, port: int) -> Client:
+    """A gradio_client for the app ``server`` started on ``port``, once it listens."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert server.poll() is None, server.stderr.read()
+        try:
+            return Client(f"http://127.0.0.1:{port}/", verbose=False)
+        except Exception:  # not listening yet
+            assert time.monotonic() < deadline, "the app did not start"
+            time.sleep(1)
+
+
 def test_the_app_serves_the_gallery_and_finds_the_right_photo(built, tmp_path):
     index, _ = built
     port = free_port()
@@ -118,14 +130,7 @@ def test_the_app_serves_the_gallery_and_finds_the_right_photo(built, tmp_path):
     server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        client, deadline = None, time.monotonic() + 300
-        while client is None:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            except Exception:  # not listening yet
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(1)
+        client = connect(server, port)
         for caption, answer in ANSWERS.items():
             hits, status, drawing, shown = client.predict(caption, 3, api_name="/search_gallery")
             served = manifest_count(index)
