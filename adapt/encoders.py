@@ -94,6 +94,34 @@ def _word_column(table: dict[str, list]) -> str:
     raise ValueError(f"no word column in the GloVe index (columns {list(table)})")
 
 
+GLOVE_840B_REPO = "sentence-transformers/average_word_embeddings_glove.840B.300d"
+
+
+def _glove_840b_300d(vocab: list[str]) -> torch.Tensor:
+    """GloVe 840B 300-d (the reference's vectors) from the Hub, as sentence-transformers saved them:
+    ``0_WordEmbeddings/whitespacetokenizer_config.json`` (``"vocab"``: the words in row order) and
+    ``0_WordEmbeddings/pytorch_model.bin`` (``emb_layer.weight``, 2.2M x 300, 2.6 GB, fetched once).
+
+    The vocabulary is cased; our tokens are lower-cased, so a token takes the row of its
+    lower-case form.
+    """
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    folder = "0_WordEmbeddings"
+    words_file = hf_hub_download(GLOVE_840B_REPO, f"{folder}/whitespacetokenizer_config.json")
+    weights_file = hf_hub_download(GLOVE_840B_REPO, f"{folder}/pytorch_model.bin")
+    with open(words_file, encoding="utf-8") as f:
+        row = {w: i for i, w in reversed(list(enumerate(json.load(f)["vocab"])))}  # first row of a word wins
+    vectors = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=True)["emb_layer.weight"]
+    out = torch.zeros(len(vocab), vectors.shape[1])  # unknown words: zeros
+    known = [(i, row[w]) for i, w in enumerate(vocab) if w in row]
+    if known:
+        out[torch.tensor([i for i, _ in known])] = vectors[torch.tensor([r for _, r in known])].float()
+    return out
+
+
 @dataclass(frozen=True)
 class WordVectorSource:
     """A named source of frozen word vectors: its size, and a loader ``vocab -> (len(vocab), dim)``."""
@@ -104,6 +132,7 @@ class WordVectorSource:
 
 WORD_VECTOR_SOURCES: dict[str, WordVectorSource] = {
     "glove-6b-50d": WordVectorSource(50, _glove_6b_50d),
+    "glove-840b-300d": WordVectorSource(300, _glove_840b_300d),
     "random": WordVectorSource(None, None),
 }
 

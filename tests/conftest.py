@@ -1,8 +1,14 @@
 """Shared test set-up, and the helpers more than one test module uses."""
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 # OpenMP threads that spin while waiting make torch several times slower when the cores are shared
 # (measured: region tests 209 s instead of 55 s on a busy 2-core machine). Must be set before torch
@@ -11,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from gradio_client import Client  # noqa: E402
 
 from training.synthetic import concept_images, concept_prototypes  # noqa: E402
 
@@ -25,7 +32,8 @@ def concept_data(n_images: int, n_concepts: int = 12, dim: int = 32, n_regions: 
 
 # ---- the launched app (tests/test_app*.py) ------------------------------------------------------
 
-CAT = str(Path(__file__).resolve().parents[1] / "examples" / "cat.jpg")
+ROOT = Path(__file__).resolve().parents[1]
+CAT = str(ROOT / "examples" / "cat.jpg")
 ENSEMBLE = "Ensemble (mean of both)"
 
 
@@ -34,6 +42,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def app_process(env: dict[str, str], timeout: float = 300) -> Iterator[Client]:
+    """``python app.py`` (the README's command) started in a process of its own with ``env`` added to
+    this one's, and a gradio_client of it once it listens. The app is stopped on leaving, on failure too:
+    Ctrl-C first (the app cleans up), then killed if it has not exited within 60 s."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
+                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # not listening yet
+                assert time.monotonic() < deadline, "the app did not start"
+                time.sleep(1)
+        yield client
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def rank(client, image, captions: str, scoring: str = ENSEMBLE, boxes: bool = False):

@@ -4,15 +4,13 @@ checks are in test_real_photos.py)."""
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from adapt import AdaptModel
 from checkpoints import DEFAULT_CHECKPOINT
-from conftest import free_port
+from conftest import app_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,23 +33,8 @@ def test_default_checkpoint_is_small_and_carries_its_card():
     assert AdaptModel.from_pretrained(DEFAULT_CHECKPOINT).config.extractor is not None
 
 
-def test_the_readme_run_command_serves_the_bundled_model_offline(tmp_path):
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ADAPT_CACHE_DIR": str(tmp_path / "cache")}
-    env.pop("ADAPT_CHECKPOINT", None)
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    assert response.status == 200 and "ADAPT" in response.read().decode()
-                    return
-            except OSError:
-                time.sleep(2)
-        pytest.fail("the app did not answer within 240 s")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def test_the_readme_run_command_serves_the_bundled_model_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAPT_CHECKPOINT", raising=False)
+    with app_process({"HF_HUB_OFFLINE": "1", "ADAPT_CACHE_DIR": str(tmp_path / "cache")}, timeout=240) as client:
+        with urllib.request.urlopen(client.src, timeout=30) as response:
+            assert response.status == 200 and "ADAPT" in response.read().decode()

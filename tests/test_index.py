@@ -3,7 +3,6 @@ by ``python app.py --gallery`` and searched through gradio_client; the same sear
 in-memory gallery, the FAISS index and the Qdrant first stage."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import skimage
 import skimage.io
-from gradio_client import Client
 
 import app
 from adapt import AdaptConfig, AdaptModel
@@ -23,7 +21,7 @@ from adapt.gallery import MemoryGallery
 from adapt.pipeline import Retriever
 from adapt.search import GalleryIndex, ImageDetails, QdrantFirstStage
 from checkpoints import DEFAULT_CHECKPOINT
-from conftest import free_port
+from conftest import app_process
 from training import index as build
 
 SKIMAGE = Path(skimage.__file__).parent / "data"
@@ -107,29 +105,13 @@ def test_the_cli_resumes_after_a_kill_with_nothing_lost_or_twice(built, photos):
 
 def test_the_app_serves_the_gallery_and_finds_the_right_photo(built, tmp_path):
     index, _ = built
-    port = free_port()
-    env = {**os.environ, "ADAPT_GALLERY": str(index), "ADAPT_CACHE_DIR": str(tmp_path / "cache"),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        client, deadline = None, time.monotonic() + 300
-        while client is None:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            except Exception:  # not listening yet
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(1)
+    with app_process({"ADAPT_GALLERY": str(index), "ADAPT_CACHE_DIR": str(tmp_path / "cache")}) as client:
         for caption, answer in ANSWERS.items():
             hits, status, drawing, shown = client.predict(caption, 3, api_name="/search_gallery")
             served = manifest_count(index)
             assert status == f"Searched **{served} images** ({served} served, 0 of yours)."
             assert len(hits) == 3 and shown.startswith(f"1. {answer} (") and "looked at" in shown
             assert Path(drawing).is_file()
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
 
 
 def test_an_index_of_another_model_is_refused_naming_the_difference(built):

@@ -50,7 +50,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import quote
 
 # OpenMP threads that busy-wait for work make torch several times slower whenever another process
@@ -60,6 +60,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 from numpy.lib import format as npy_format  # noqa: E402
+from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from adapt.io import atomic_write_json, resize_npy  # noqa: E402
@@ -84,6 +85,11 @@ WEIGHTS_FILES = {FasterRcnnExtractor.name: "model.safetensors", BottomUpAttentio
 # Karpathy split names -> precomp split names.
 KARPATHY_SPLITS = {"val": "dev", "restval": "train"}
 TEXT_FILES = ("caps", "ids", "skipped")
+
+# The images of a split's records from record ``start`` on, in record order: ``(record.image, the
+# image or the ImageError that loading it raised)``. A folder of files is one source
+# (:func:`folder_images`); a Hub dataset streamed by ``training.prepare`` is another.
+ImageStream = Callable[[int], Iterable[tuple[str, "Image.Image | ImageError"]]]
 
 
 class ExtractError(ValueError):
@@ -163,9 +169,20 @@ def _clean(captions: list[str]) -> tuple[str, ...]:
     return tuple(" ".join(str(c).split()) for c in captions if str(c).strip())
 
 
+def folder_images(records: Sequence[ImageRecord], images_dir: str | Path, max_pixels: int) -> ImageStream:
+    """The :data:`ImageStream` of image files ``images_dir / record.image``."""
+    def stream(start: int) -> Iterator[tuple[str, Image.Image | ImageError]]:
+        for record in records[start:]:
+            try:
+                yield record.image, load_image(Path(images_dir) / record.image, max_pixels)
+            except ImageError as e:
+                yield record.image, e
+    return stream
+
+
 def extract_dataset(
     records: Sequence[ImageRecord],
-    images_dir: str | Path,
+    images_dir: str | Path | None,
     out_dir: str | Path,
     extractor: RegionExtractor,
     splits: Sequence[str] | None = None,
@@ -173,8 +190,11 @@ def extract_dataset(
     captions_per_image: int = CAPTIONS_PER_IMAGE,
     restart: bool = False,
     show_progress: bool = True,
+    images: Callable[[str, Sequence[ImageRecord]], ImageStream] | None = None,
 ) -> list[SplitResult]:
     """Extract every split (or the given ``splits``) of ``records`` into ``out_dir``.
+
+    Images are the files under ``images_dir``, or ``images(split, split_records)``'s stream.
 
     Raises:
         ExtractError: ``out_dir`` holds features of another extractor, a split is unknown, or the
@@ -203,30 +223,35 @@ def extract_dataset(
     unknown = sorted(set(splits or ()) - set(available))
     if unknown:
         raise ExtractError(f"no images for split(s) {unknown}; the captions file has {available}")
-    return [
-        extract_split([r for r in records if r.split == split], split, images_dir, out_dir, extractor,
-                      batch_size, captions_per_image, restart, show_progress)
-        for split in (splits or available)
-    ]
+    results = []
+    for split in splits or available:
+        chosen = [r for r in records if r.split == split]
+        results.append(extract_split(chosen, split, images_dir, out_dir, extractor, batch_size, captions_per_image,
+                                     restart, show_progress, None if images is None else images(split, chosen)))
+    return results
 
 
 def extract_split(
     records: Sequence[ImageRecord],
     split: str,
-    images_dir: str | Path,
+    images_dir: str | Path | None,
     out_dir: str | Path,
     extractor: RegionExtractor,
     batch_size: int = 8,
     captions_per_image: int = CAPTIONS_PER_IMAGE,
     restart: bool = False,
     show_progress: bool = True,
+    images: ImageStream | None = None,
 ) -> SplitResult:
     """Extract one split, resuming a previous run of the same inputs unless ``restart``.
+
+    ``images``: where the records' images come from (default: the files under ``images_dir``).
 
     Raises:
         ExtractError: the split's files come from other inputs or settings (and not ``restart``).
     """
-    out_dir, images_dir = Path(out_dir), Path(images_dir)
+    out_dir = Path(out_dir)
+    images = images or folder_images(records, images_dir, extractor.max_pixels)
     files = {name: out_dir / f"{split}_{name}.txt" for name in TEXT_FILES}
     arrays = {"ims": out_dir / f"{split}_ims.npy", "boxes": out_dir / f"{split}_boxes.npy"}
     progress_path = out_dir / f"{split}_progress.json"
@@ -247,7 +272,7 @@ def extract_split(
             with open(path, "r+b") as f:
                 f.truncate(state["text_bytes"][name])
         if state["inputs_done"] < len(records):
-            _run_batches(records, images_dir, extractor, batch_size, captions_per_image, state, files, arrays,
+            _run_batches(records, images, extractor, batch_size, captions_per_image, state, files, arrays,
                          progress_path, split, show_progress)
         for path in arrays.values():
             resize_npy(path, state["rows"])
@@ -269,7 +294,7 @@ def _create_arrays(arrays: dict[str, Path], n_images: int, extractor: RegionExtr
 
 def _run_batches(
     records: Sequence[ImageRecord],
-    images_dir: Path,
+    images: ImageStream,
     extractor: RegionExtractor,
     batch_size: int,
     captions_per_image: int,
@@ -287,23 +312,27 @@ def _run_batches(
         raise ExtractError(f"{arrays['ims']}: shape {features.shape}, expected {expected}; pass --restart")
     handles = {name: open(path, "ab") for name, path in files.items()}
     bar = tqdm(total=len(records), initial=state["inputs_done"], unit="img", desc=split, disable=not show_progress)
+    stream = iter(images(state["inputs_done"]))
     try:
         for start in range(state["inputs_done"], len(records), batch_size):
             batch = records[start:start + batch_size]
-            kept, images = [], []
+            kept, loaded = [], []
             for record in batch:
+                key, image = next(stream, (None, None))
+                if key != record.image:
+                    raise ExtractError(f"the images of split {split!r} came in another order than its records: "
+                                       f"{key!r} where {record.image!r} was expected")
                 if len(record.captions) < captions_per_image:
                     reason = f"{len(record.captions)} captions, {captions_per_image} needed"
+                elif isinstance(image, ImageError):
+                    reason = " ".join(str(image).split())
                 else:
-                    try:
-                        images.append(load_image(images_dir / record.image, extractor.max_pixels))
-                        kept.append(record)
-                        continue
-                    except ImageError as e:
-                        reason = " ".join(str(e).split())
+                    loaded.append(image)
+                    kept.append(record)
+                    continue
                 print(f"skipping {record.image}: {reason}", file=sys.stderr)
                 handles["skipped"].write(f"{record.image}\t{reason}\n".encode())
-            regions = extractor.extract_batch(images, batch_size=max(1, len(images)))
+            regions = extractor.extract_batch(loaded, batch_size=max(1, len(loaded)))
             row = state["rows"]
             for offset, region in enumerate(regions):
                 features[row + offset] = region.features
