@@ -7,7 +7,6 @@ import sys
 import urllib.request
 from pathlib import Path
 
-
 from adapt import AdaptModel
 from checkpoints import DEFAULT_CHECKPOINT
 from conftest import app_process
