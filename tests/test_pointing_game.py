@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapt.pipeline import DEFAULT_CHECKPOINT, Retriever
+from adapt.pipeline import Retriever
+from checkpoints import DEFAULT_CHECKPOINT
 from adapt.regions import Regions
 from adapt.visualize import looked_at, pointed_regions
 from training.pointing_game import centre_inside, hit_rates, play, read_game
