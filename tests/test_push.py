@@ -1,5 +1,6 @@
 """Publishing: the dry-run folder is what a real push uploads, and it loads back with the same scores."""
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -7,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub import ModelCard, SpaceCard, metadata_load
 
 import training.push as push
 from adapt import AdaptConfig, AdaptModel, build_vocab
-from training.card import model_card, training_card
+from training.card import model_card, space_card, training_card
 from training.config import TrainConfig
 from training.data import load_split
 from training.state import Progress
@@ -179,3 +180,13 @@ def test_pushed_card_lists_the_datasets_and_test_metrics_in_the_hub_metadata(tmp
 def test_card_without_test_report_has_no_model_index(checkpoint, tmp_path):
     out = push.stage(checkpoint, tmp_path / "upload", repo_id="someone/x", datasets=["nlphuji/flickr30k"])
     assert "model-index" not in metadata_load(out / "README.md")
+
+
+def test_a_space_asks_for_a_gpu_only_for_bottom_up_features(checkpoint, tmp_path):
+    config = AdaptModel.from_pretrained(checkpoint).config
+    for extractor, hardware in (({"name": "ssd-mobilenet-v2"}, None), ({"name": "bottom-up-attention"}, "t4-small")):
+        card = space_card(dataclasses.replace(config, extractor=extractor), str(checkpoint), gallery=str(tmp_path / "index"))
+        card.save(tmp_path / "README.md")
+        loaded = SpaceCard.load(tmp_path / "README.md")
+        assert loaded.data.get("suggested_hardware") == hardware and loaded.data.app_file == "app.py"
+        assert loaded.data.models is None and str(tmp_path) not in loaded.content  # a local model: no absolute path

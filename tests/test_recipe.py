@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import SpaceCard
 from huggingface_hub import constants as hub_constants
 from PIL import Image
 from skimage import data
@@ -176,6 +177,15 @@ def test_the_checkpoints_are_pushed_with_their_cards(runs):
         card = files["README.md"].decode()
         assert "| 3 images |" in card and "flickr30k-hub" in card
         assert json.loads((resumed / "stages" / f"push-{head}.json").read_text())["repo_id"].endswith(head)
+
+
+def test_the_space_readme_asks_for_a_gpu_and_names_the_pushed_model(runs):
+    _, resumed = runs
+    card = SpaceCard.load(resumed / "space" / "README.md")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
+    assert card.data.get("suggested_hardware") == "t4-small"  # bottom-up features need a GPU
+    assert card.data.models == ["someone/adapt-tiny-t2i"]
+    assert "ADAPT_CHECKPOINT=someone/adapt-tiny-t2i" in card.text and "ADAPT_GALLERY=index" in card.text
 
 
 def test_the_app_serves_the_test_split_index(runs, tmp_path):

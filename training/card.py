@@ -8,11 +8,12 @@ that record (and a test report, when publishing) as a Hub model card with YAML f
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, SpaceCard, SpaceCardData
 
 from adapt import AdaptConfig
 from training.config import TrainConfig
@@ -40,6 +41,12 @@ _INDEX_METRICS = {**{f"{d}_r{k}": f"{name} R@{k}" for d, name in (("i2t", "Image
 # Terms of the public datasets a card may name (matched in ``data.name``); others: the name itself.
 _DATA_TERMS = {"flickr30k": "Flickr30k: non-commercial research use",
                "coco": "COCO: annotations CC BY 4.0, images under their Flickr licences"}
+
+
+# Extractors too slow for a CPU Space: bottom-up attention costs tens of seconds per uploaded photo on
+# 2 vCPU (README, "Bottom-up attention"), so a Space serving such a model asks for a GPU.
+GPU_EXTRACTORS = ("bottom-up-attention",)
+GPU_SPACE_HARDWARE = "t4-small"
 
 
 def portable_path(path: str) -> str:
@@ -187,3 +194,38 @@ def training_card(config: TrainConfig, train: Split, val: Split, progress: Progr
         "training": {"loss": dataclasses.asdict(config.loss), "optim": dataclasses.asdict(config.optim),
                      "batch_size": config.train.batch_size, "seed": config.train.seed, "optimizer": "Adamax"},
     }
+
+
+def space_card(config: AdaptConfig, checkpoint: str, *, gallery: str | None = None,
+               datasets: Sequence[str] = ()) -> SpaceCard:
+    """The README of a Hugging Face Space that serves ``checkpoint`` (a Hub repo id or a folder) with
+    this repository's ``app.py``: the Space's settings in its YAML header, and how to deploy it.
+
+    The header asks for a GPU (``suggested_hardware``) when the model's extractor is one of
+    :data:`GPU_EXTRACTORS`; ``gallery`` is the folder of a gallery index the Space serves.
+    """
+    extractor = (config.extractor or {}).get("name", "unknown")
+    hardware = {"suggested_hardware": GPU_SPACE_HARDWARE} if extractor in GPU_EXTRACTORS else {}
+    try:
+        sdk_version = importlib.metadata.version("gradio")
+    except importlib.metadata.PackageNotFoundError:  # training without the app extra: the Space's default
+        sdk_version = None
+    on_hub = not Path(checkpoint).exists()
+    data = SpaceCardData(title="ADAPT image-text retrieval", sdk="gradio", sdk_version=sdk_version,
+                         python_version="3.11", app_file="app.py", license="apache-2.0",
+                         models=[checkpoint] if on_hub else None, datasets=list(datasets) or None,
+                         tags=TAGS, short_description="Rank captions for a photo, search photos by caption (ADAPT)",
+                         **hardware)
+    shown = checkpoint if on_hub else portable_path(checkpoint)
+    variables = f"`ADAPT_CHECKPOINT={shown}`" + (f" and `ADAPT_GALLERY={Path(gallery).name}`" if gallery else "")
+    steps = [
+        "Copy the adapt repository's `app.py`, `app_logic.py`, `adapt/`, `checkpoints/`, `examples/` and "
+        "`requirements.txt` next to this README (its header holds the Space's settings).",
+        f"Add the gallery index folder `{Path(gallery).name}` (its thumbnails are inside it)." if gallery else None,
+        f"In the Space's settings, set the variables {variables}.",
+    ]
+    hardware_line = (f"\nIts extractor ({extractor}) is too slow for a CPU Space, so the header asks for "
+                     f"`{GPU_SPACE_HARDWARE}`.\n" if hardware else "")
+    body = "\n".join(f"{i}. {step}" for i, step in enumerate((s for s in steps if s), 1))
+    return SpaceCard(f"---\n{data.to_yaml()}\n---\n\n# ADAPT image-text retrieval\n\n"
+                     f"Serves `{shown}` ({extractor} regions) with ADAPT's app.\n{hardware_line}\n{body}\n")

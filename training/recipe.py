@@ -15,7 +15,9 @@ the first unfinished one; extraction and training also resume inside a stage):
    the paper's numbers -> ``OUT/eval``;
 5. ``push`` (with ``--push OWNER/NAME``): each checkpoint to ``OWNER/NAME-t2i`` / ``-i2t`` with its card;
 6. ``index``: a gallery index of the test split for the T2I model -> ``OUT/index``; serve it with
-   ``ADAPT_CHECKPOINT=OUT/t2i/best ADAPT_GALLERY=OUT/index python app.py``.
+   ``ADAPT_CHECKPOINT=OUT/t2i/best ADAPT_GALLERY=OUT/index python app.py``;
+7. ``space``: the README of a Hugging Face Space serving them (:func:`training.card.space_card`; it asks
+   for a GPU, as bottom-up features need one) -> ``OUT/space/README.md``.
 
 ``--override section.key=value`` changes both training configs (e.g. ``train.batch_size=64``);
 ``--extractor-option key=value`` the extractor (e.g. ``weights=FILE``).
@@ -41,6 +43,7 @@ from adapt.regions import BottomUpAttentionExtractor, ExtractorError, build_extr
 from adapt.search import GalleryIndexError
 from training import index as gallery
 from training import push
+from training.card import space_card
 from training.config import load_config
 from training.data import DatasetError, load_split
 from training.evaluate import evaluate
@@ -53,7 +56,7 @@ from training.train import BEST_DIR, Trainer
 
 CONFIGS = Path(__file__).parent / "configs"
 CONFIG_PREFIX = {"flickr30k": "f30k", "coco": "coco"}
-# Published R@1 (image->text, text->image), DESIGN.md section 1.
+# Published R@1 (image->text, text->image): the paper (arXiv:1911.09370).
 PAPER_R1 = {"flickr30k": {"t2i": (76.4, 57.8), "i2t": (66.3, 53.8), "ensemble": (76.2, 60.5)},
             "coco": {"t2i": (75.4, 64.0)}}
 FEATURE_BYTES = 36 * (2048 + 4) * 4  # one image's float32 features and boxes
@@ -109,6 +112,7 @@ class Recipe:
             for head in ("t2i", "i2t"):
                 self.stage(f"push-{head}", lambda head=head: self.push(head, reports[head]))
         self.stage("index", self.index)
+        self.stage("space", self.space)
         print(f"[recipe] all stages done. Serve: ADAPT_CHECKPOINT={self.out / 't2i' / BEST_DIR} "
               f"ADAPT_GALLERY={self.out / 'index'} python app.py", file=sys.stderr)
 
@@ -185,6 +189,17 @@ class Recipe:
         self.mark("index", images=len(index), skipped=len(builder.skipped))
 
 
+    def space(self) -> None:
+        pushed = self.done("push-t2i")
+        checkpoint = pushed["repo_id"] if pushed else str(self.out / "t2i" / BEST_DIR)
+        config = AdaptModel.from_pretrained(str(self.out / "t2i" / BEST_DIR)).config
+        card = space_card(config, checkpoint, gallery=str(self.out / "index"),
+                          datasets=[self.done("prepare")["settings"]["source"]])
+        (self.out / "space").mkdir(exist_ok=True)
+        atomic_write(self.out / "space" / "README.md", card.save)
+        self.mark("space", readme="space/README.md", suggested_hardware=card.data.get("suggested_hardware"))
+
+
 def comparison_table(dataset: str, reports: dict[str, dict[str, Any]]) -> str:
     """Markdown: each model's test metrics per protocol, and the paper's R@1 where published."""
     rows = {f"{name}, {protocol}": p["metrics"] for name, report in reports.items()
@@ -192,7 +207,7 @@ def comparison_table(dataset: str, reports: dict[str, dict[str, Any]]) -> str:
     paper = "\n".join(f"- paper ADAPT-{name.upper() if name != 'ensemble' else 'ensemble'}: R@1 image->text "
                       f"{i2t}, text->image {t2i}" + (" (COCO 1K)" if dataset == "coco" else "")
                       for name, (i2t, t2i) in PAPER_R1[dataset].items())
-    return f"{markdown_table(rows)}\n\nPublished (DESIGN.md):\n{paper}\n"
+    return f"{markdown_table(rows)}\n\nPublished (Wehrmann et al., AAAI 2020):\n{paper}\n"
 
 
 def plan(dataset: str, push_to: str | None) -> str:
@@ -219,7 +234,8 @@ def plan(dataset: str, push_to: str | None) -> str:
     if push_to:
         rows += [("push", "uploads 2 checkpoints", "minutes", 0.0)]
     test_gb = preset.sizes["test"] * FEATURE_BYTES / 1e9
-    rows += [("index", f"{test_gb:.2f} GB + the test split's image files (for thumbnails)", "minutes", 0.05)]
+    rows += [("index", f"{test_gb:.2f} GB + the test split's image files (for thumbnails)", "minutes", 0.05),
+             ("space", "a README", "seconds", 0.0)]
     lines = [f"Plan for {dataset} ({preset.repo_id}): ESTIMATES, not measurements", "",
              "| stage | disk | time | GPU-hours |", "|---|---|---|---|"]
     lines += [f"| {s} | {d} | {t} | {g:.1f} |" for s, d, t, g in rows]
