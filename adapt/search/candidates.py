@@ -19,9 +19,8 @@ while a shard is small, a compressed index with exact refinement once it is larg
   whose per-image norm recovers most of what the numerator misses. No training needed.
 - ``"mean"``: the l2-normalised mean of the encoded regions against the l2-normalised masked
   mean of the words (the ADAPT query): the model's own global vectors, and the only choice for
-  I2T-only models. On synthetic concept data (``benchmarks/search_scale.py``) it recalls far
-  less of the exhaustive top-10: 0.48 with K = 1000 of 10k images and 0.18 of 100k, where
-  ``"fovea-max"`` recalls 1.000 with K = 100 of 10k, 100k and 1M images.
+  I2T-only models. It recalls far less of the exhaustive top-10 than ``"fovea-max"``
+  (``python -m benchmarks.search_scale`` measures both; the README has the dated numbers).
 
 The ``candidates`` (K) best images by the first-stage score go on to exact re-ranking
 (:mod:`adapt.search.index`).
@@ -137,12 +136,9 @@ def build_ann(vectors: np.ndarray) -> faiss.Index:
     sub-quantizer per 4 dimensions, trained on the first ``ANN_MIN_ROWS`` vectors) whose
     ``REFINE_FACTOR`` times as many best as asked are re-scored exactly (``IndexRefineFlat``), so
     the scores it returns are exact and comparable across shards, and it keeps the vectors for
-    :meth:`faiss.Index.reconstruct_batch`. Measured on "fovea-max" vectors of 100k synthetic
-    images (``benchmarks/search_scale.py``; one thread, per query in batches of 50), recall of the
-    exhaustive ADAPT top-10 among the 300 best by inner product: flat 1.000 (13 ms), this index
-    0.996 (1.2 ms), IVF-Flat with 512 lists 0.898 / 0.956 / 0.982 probing 32 / 64 / 128 lists
-    (0.9 / 1.8 / 3.9 ms); HNSW (M 32, efSearch 256) found only 0.61 of the flat top-300. The
-    vectors share a large common component, which coarse quantizers split badly.
+    :meth:`faiss.Index.reconstruct_batch`. Chosen over IVF-Flat and HNSW because the vectors share a
+    large common component, which coarse quantizers split badly (the README's "Search a gallery in
+    a Space" section has the measured recalls and latencies).
     """
     n, dim = vectors.shape
     if n < ANN_MIN_ROWS:
