@@ -60,6 +60,7 @@ from adapt.regions import (  # noqa: E402
     ImageError,
     check_extractor,
     load_image,
+    shrink_to_max_side,
 )
 from adapt.search import DEFAULT_SHARD_SIZE, GalleryIndex, GalleryIndexError, ImageDetails, QdrantFirstStage  # noqa: E402
 from checkpoints import DEFAULT_CHECKPOINT  # noqa: E402
@@ -122,11 +123,9 @@ def captioned_images(captions: Path, split: str | None) -> list[str]:
 def thumbnail(index_folder: Path, key: str, image: Image.Image, max_side: int) -> str:
     """Write the JPEG thumbnail of image ``key`` into the index; returns its path relative to it."""
     name = f"{THUMBNAILS}/{hashlib.sha256(key.encode()).hexdigest()[:24]}.jpg"
-    small = image.copy()
-    small.thumbnail((max_side, max_side))
     path = index_folder / name
     path.parent.mkdir(exist_ok=True)
-    small.save(path, "JPEG", quality=85)
+    shrink_to_max_side(image, max_side).save(path, "JPEG", quality=85)
     return name
 
 
