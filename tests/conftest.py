@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -45,32 +46,39 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def app_process(env: dict[str, str], timeout: float = 300) -> Iterator[Client]:
+def app_process(env: dict[str, str], timeout: float = 300, stop: signal.Signals = signal.SIGINT,
+                log: Path | None = None) -> Iterator[Client]:
     """``python app.py`` (the README's command) started in a process of its own with ``env`` added to
     this one's, and a gradio_client of it once it listens. The app is stopped on leaving, on failure too:
-    Ctrl-C first (the app cleans up), then killed if it has not exited within 60 s."""
+    with ``stop`` first (Ctrl-C by default; the app cleans up), then killed if it has not exited within
+    60 s. Its console output goes to the file ``log`` (default: a temporary file), never to a pipe
+    nobody reads (a full pipe would block the app)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
-                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **env},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:  # not listening yet
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(1)
-        yield client
-    finally:
-        server.send_signal(signal.SIGINT)
+    with contextlib.ExitStack() as stack:
+        console = stack.enter_context(open(log, "w+") if log else tempfile.TemporaryFile("w+"))
+        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
+                                  env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **env},
+                                  stdout=subprocess.DEVNULL, stderr=console, text=True)
         try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            deadline = time.monotonic() + timeout
+            while True:
+                if server.poll() is not None:
+                    console.seek(0)
+                    raise AssertionError(f"the app exited with status {server.returncode}:\n{console.read()[-3000:]}")
+                try:
+                    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                    break
+                except Exception:  # not listening yet
+                    assert time.monotonic() < deadline, "the app did not start"
+                    time.sleep(1)
+            yield client
+        finally:
+            server.send_signal(stop)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def rank(client, image, captions: str, scoring: str = ENSEMBLE, boxes: bool = False):
