@@ -26,7 +26,7 @@ from gradio.processing_utils import save_base64_to_cache
 from adapt import fused
 from adapt.model import CheckpointError
 from adapt.pipeline import Retriever, read_model_card
-from app_logic import EXAMPLES, ROOT, Demo, open_gallery
+from app_logic import EXAMPLES, ROOT, Demo, open_gallery, refuse
 from checkpoints import DEFAULT_CHECKPOINT
 
 
@@ -35,7 +35,7 @@ logger = logging.getLogger("adapt.app")
 CACHE_DIR = Path(os.environ.get("ADAPT_CACHE_DIR", ROOT / ".cache" / "regions"))
 # About 5000 images' regions; the least recently used are deleted beyond it.
 CACHE_MAX_BYTES = int(os.environ.get("ADAPT_CACHE_MAX_MB", 1024)) * 2**20
-MAX_FILE_SIZE = "25mb"
+MAX_FILE_SIZE = 25 * 2**20  # bytes, for an upload and for a pasted image alike
 # Uploads and drawings in Gradio's cache older than a day are deleted, checked every hour.
 DELETE_CACHE = (3600, 86400)
 EXAMPLE_CAPTIONS = "\n".join([
@@ -64,7 +64,14 @@ def image_upload(**kwargs: Any) -> gr.Image:
         if payload is None:
             return None
         if payload.url and payload.url.startswith("data:"):  # a pasted image: written to a file first
-            return save_base64_to_cache(payload.url, component.GRADIO_CACHE, payload.orig_name or "pasted.png")
+            name = payload.orig_name or "pasted.png"
+            # Gradio's upload limit does not apply to data in the request: its size from the base64
+            # length (4 characters per 3 bytes), before anything is decoded or written.
+            size = (len(payload.url) - payload.url.find(",") - 1) * 3 // 4
+            if size > MAX_FILE_SIZE:
+                raise refuse(f"{name}: {size / 2**20:.1f} MB is more than the {MAX_FILE_SIZE // 2**20} MB an image "
+                             "may have; save it smaller (e.g. as a JPEG) and upload it again.")
+            return save_base64_to_cache(payload.url, component.GRADIO_CACHE, name)
         return payload.path
 
     component.preprocess = upload_path

@@ -1,0 +1,81 @@
+"""The app's files on a public Space (issue 33, findings 2-7): what a user may write to the server's
+disk is bounded and gone after the app stops (SIGTERM too), gallery adds leave no empty files,
+out-of-range numbers and huge images get the app's own one-line refusal, and the test suite itself
+leaves nothing in the temporary folder. Driven through the launched ``python app.py``, with
+gradio_client and, where the issue's requests came from there, the raw HTTP API."""
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import CAT, app_process
+
+UPLOADS_MAX_MB = 60
+PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in files_under(folder)) / 2**20
+
+
+def random_png(path: Path, mb: float) -> Path:
+    """A file of ``mb`` MiB that starts like a PNG (the size is what is under test, not the pixels)."""
+    path.write_bytes(PNG_HEADER + os.urandom(int(mb * 2**20) - len(PNG_HEADER)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    """``python app.py`` with its own upload folder, an upload bound of ``UPLOADS_MAX_MB`` and a log:
+    (its gradio_client, its URL, the upload folder, the log file)."""
+    uploads, log = tmp_path_factory.mktemp("uploads"), tmp_path_factory.mktemp("log") / "app.log"
+    env = {"GRADIO_TEMP_DIR": str(uploads), "ADAPT_UPLOADS_MAX_MB": str(UPLOADS_MAX_MB),
+           "ADAPT_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    with app_process(env, log=log) as client:
+        yield client, client.src, uploads, log
+
+
+def call(url: str, api_name: str, data: list) -> tuple[str, object]:
+    """A raw ``/gradio_api/call/<api_name>`` request: the final event, "complete" with the outputs or
+    "error" with its message."""
+    with httpx.Client(base_url=url, timeout=120) as http:
+        event_id = http.post(f"gradio_api/call/{api_name}", json={"data": data}).raise_for_status().json()["event_id"]
+        event = None
+        with http.stream("GET", f"gradio_api/call/{api_name}/{event_id}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    event = line[len("event: "):]
+                elif line.startswith("data: ") and event == "complete":
+                    return event, json.loads(line[len("data: "):])
+                elif line.startswith("data: ") and event == "error":
+                    return event, json.loads(line[len("data: "):])["error"]
+    raise AssertionError("the stream ended without a result")
+
+
+def upload(url: str, *paths: Path) -> httpx.Response:
+    """A raw ``/gradio_api/upload`` request with ``paths``, the way a client adds files."""
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    return httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files=files, timeout=120)
+
+
+# Finding 2: a pasted image is a data URL in the request, checked against the same limit as an upload.
+
+def test_a_pasted_data_url_over_the_upload_limit_is_refused_unwritten(served_app, tmp_path):
+    _, url, uploads, _ = served_app
+    big = random_png(tmp_path / "big.png", 26)
+    pasted = {"path": None, "url": "data:image/png;base64," + base64.b64encode(big.read_bytes()).decode(),
+              "orig_name": "pasted.png", "meta": {"_type": "gradio.FileData"}}
+    event, message = call(url, "rank_captions", [pasted, "a cat", None, False])
+    assert event == "error" and "25 MB" in message and "pasted.png" in message, message
+    assert all(p.stat().st_size < 2**20 * 25 for p in files_under(uploads)), "nothing that large was written"
+    small = {**pasted, "url": "data:image/png;base64," + base64.b64encode(Path(CAT).read_bytes()).decode()}
+    event, result = call(url, "rank_captions", [small, "a cat", None, False])
+    assert event == "complete" and result[0]["data"][0][1] == "a cat", "a pasted image within the limit is ranked"
