@@ -16,17 +16,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from gradio.data_classes import ImageData
 from gradio.processing_utils import save_base64_to_cache
+from gradio.utils import get_upload_folder
+from starlette.middleware import Middleware
 
 from adapt import fused
 from adapt.model import CheckpointError
 from adapt.pipeline import Retriever, read_model_card
-from app_logic import EXAMPLES, ROOT, Demo, open_gallery, refuse
+from app_logic import EXAMPLES, ROOT, BoundedUploads, Demo, open_gallery, refuse
 from checkpoints import DEFAULT_CHECKPOINT
 
 
@@ -38,6 +43,8 @@ CACHE_MAX_BYTES = int(os.environ.get("ADAPT_CACHE_MAX_MB", 1024)) * 2**20
 MAX_FILE_SIZE = 25 * 2**20  # bytes, for an upload and for a pasted image alike
 # Uploads and drawings in Gradio's cache older than a day are deleted, checked every hour.
 DELETE_CACHE = (3600, 86400)
+# Beyond this many bytes of them in all, the oldest are deleted at once (one upload may be this large).
+UPLOADS_MAX_BYTES = int(os.environ.get("ADAPT_UPLOADS_MAX_MB", 2048)) * 2**20
 EXAMPLE_CAPTIONS = "\n".join([
     "A group of people observing two planes at an air show.",
     "A large white dog is sitting on a bench beside an elderly man.",
@@ -186,10 +193,22 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("%s", problem)
     elif served is not None:
         logger.info("serving the gallery %s: %d images", args.gallery, len(served))
+    # An upload folder of this process's own (Gradio's components read it when built), deleted when
+    # the app stops: on Ctrl-C and on SIGTERM alike, which is how a Space is restarted.
+    Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)
+    uploads = Path(tempfile.mkdtemp(prefix="adapt-app-", dir=get_upload_folder())).resolve()
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     demo = build_demo(Demo(retriever, kernels_building=warm_up.is_alive, served=served, served_problem=problem),
                       args.checkpoint)
     demo.queue(default_concurrency_limit=2, max_size=32)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, show_error=True)
+    examples = frozenset(path for block in demo.blocks.values() for path in getattr(block, "keep_in_cache", ()))
+    bound = Middleware(BoundedUploads, folder=uploads, max_bytes=UPLOADS_MAX_BYTES, keep=examples)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, show_error=True,
+                    app_kwargs={"middleware": [bound]})
+    finally:
+        shutil.rmtree(uploads, ignore_errors=True)
 
 
 if __name__ == "__main__":

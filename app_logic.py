@@ -5,17 +5,20 @@ the page, never a traceback. :mod:`app` wires it to Gradio components."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import anyio
 import gradio as gr
 from gradio.utils import get_upload_folder
 from PIL import Image
+from starlette.responses import PlainTextResponse
 
 from adapt.gallery import MemoryGallery, SearchHit
 from adapt.model import AdaptModel
@@ -104,6 +107,54 @@ class DrawingFiles:
             while len(self._written) > self.keep:
                 Path(self._written.popleft()).unlink(missing_ok=True)
         return path
+
+
+def prune_oldest(folder: Path, max_bytes: int, keep: frozenset[str] = frozenset()) -> None:
+    """Delete the oldest files under ``folder`` (by modification time; never those in ``keep``) until
+    all of them together take at most ``max_bytes``; a folder emptied so (an upload's own) goes too."""
+    files, total = [], 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by Gradio or another prune
+                stat = os.stat(path)
+                total += stat.st_size
+                if path not in keep:
+                    files.append((stat.st_mtime, stat.st_size, path))
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        Path(path).unlink(missing_ok=True)
+        total -= size
+        with contextlib.suppress(OSError):  # not empty: other files still live there
+            os.rmdir(os.path.dirname(path))
+
+
+class BoundedUploads:
+    """ASGI middleware that keeps Gradio's upload folder within ``max_bytes``.
+
+    Anyone may send files to ``/gradio_api/upload`` without calling the app, and Gradio keeps them
+    for a day. Each upload must say its size (Content-Length) and fit the bound; room is made for it
+    beforehand by deleting the oldest files (``keep``: the example photos' copies, never deleted), so
+    a flood pushes out its own files first. Drawings live in the same folder and count too.
+    """
+
+    def __init__(self, app: Any, folder: Path, max_bytes: int, keep: frozenset[str] = frozenset()) -> None:
+        self.app, self.folder, self.max_bytes, self.keep = app, folder, max_bytes, keep
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/gradio_api/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit():
+            return await PlainTextResponse("Send uploads with their size (Content-Length).", 411)(scope, receive, send)
+        if int(length) > self.max_bytes:
+            refusal = f"Upload at most {self.max_bytes // 2**20} MB at a time, please."
+            return await PlainTextResponse(refusal, 413)(scope, receive, send)
+        await anyio.to_thread.run_sync(prune_oldest, self.folder, self.max_bytes - int(length), self.keep)
+        await self.app(scope, receive, send)
+        # Concurrent uploads may each have made room for themselves only.
+        await anyio.to_thread.run_sync(prune_oldest, self.folder, self.max_bytes, self.keep)
 
 
 def open_gallery(folder: str, model: AdaptModel) -> tuple[GalleryIndex | None, str | None]:

@@ -7,12 +7,14 @@ gradio_client and, where the issue's requests came from there, the raw HTTP API.
 import base64
 import json
 import os
+import signal
 from pathlib import Path
 
 import httpx
 import pytest
+from gradio_client import handle_file
 
-from conftest import CAT, app_process
+from conftest import CAT, app_process, rank
 
 UPLOADS_MAX_MB = 60
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
@@ -79,3 +81,29 @@ def test_a_pasted_data_url_over_the_upload_limit_is_refused_unwritten(served_app
     small = {**pasted, "url": "data:image/png;base64," + base64.b64encode(Path(CAT).read_bytes()).decode()}
     event, result = call(url, "rank_captions", [small, "a cat", None, False])
     assert event == "complete" and result[0]["data"][0][1] == "a cat", "a pasted image within the limit is ranked"
+
+
+# Finding 3: the upload folder is bounded, and emptied when the app is stopped as a Space stops it.
+
+def test_the_upload_folder_stays_within_its_bound(served_app, tmp_path):
+    _, url, uploads, _ = served_app
+    sent = [random_png(tmp_path / f"flood{i}.png", 10) for i in range(8)]
+    answers = [upload(url, path) for path in sent]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert megabytes(uploads) <= UPLOADS_MAX_MB, "80 MB sent, the oldest deleted beyond the bound"
+    assert Path(answers[-1].json()[0]).is_file(), "the newest upload is kept"
+    assert not Path(answers[0].json()[0]).exists(), "the oldest upload is deleted"
+    too_big = upload(url, *sent[:7])
+    assert too_big.status_code == 413 and f"{UPLOADS_MAX_MB} MB" in too_big.text
+    assert megabytes(uploads) <= UPLOADS_MAX_MB
+
+
+def test_sigterm_deletes_uploads_and_drawings_like_ctrl_c(tmp_path):
+    uploads = tmp_path / "uploads"
+    with app_process({"GRADIO_TEMP_DIR": str(uploads), "ADAPT_CACHE_DIR": str(tmp_path / "cache")},
+                     stop=signal.SIGTERM) as client:
+        drawing = rank(client, handle_file(CAT), "a cat", scoring=None)[1]
+        assert Path(drawing).is_file()
+        assert len(files_under(uploads)) >= 2, "the upload and the drawing"
+    # Only the empty folder Gradio makes in its temporary folder whenever it is imported may stay.
+    assert [p.name for p in uploads.rglob("*")] in ([], ["vibe_edit_history"]), "a Space's restart leaves nothing"
