@@ -31,7 +31,7 @@ from starlette.middleware import Middleware
 from adapt import fused
 from adapt.model import CheckpointError
 from adapt.pipeline import Retriever, read_model_card
-from app_logic import EXAMPLES, ROOT, BoundedUploads, Demo, open_gallery, refuse
+from app_logic import EXAMPLES, MAX_RESULTS, ROOT, BoundedUploads, Demo, open_gallery, refuse
 from checkpoints import DEFAULT_CHECKPOINT
 
 
@@ -85,6 +85,13 @@ def image_upload(**kwargs: Any) -> gr.Image:
     return component
 
 
+def checked_by_the_app(component: gr.Number | gr.Slider) -> gr.Number | gr.Slider:
+    """``component`` passing its number to the app unchecked: the app's handler checks the range and
+    refuses with its own message in one log line, where Gradio's own check prints a traceback."""
+    component.preprocess = lambda payload: payload
+    return component
+
+
 def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
     """The Gradio Blocks UI wired to ``demo_logic``; the About tab shows ``checkpoint``'s model card."""
     with gr.Blocks(title="ADAPT image-text retrieval", delete_cache=DELETE_CACHE) as demo:
@@ -108,8 +115,8 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
                     with gr.Row():
                         highlight_caption = gr.Textbox(label="Highlighted caption", interactive=False, scale=4,
                                                        elem_id="highlighted-caption")
-                        highlight_rank = gr.Number(1, label="Rank of the highlighted caption", precision=0,
-                                                   minimum=1, scale=1)
+                        highlight_rank = checked_by_the_app(gr.Number(
+                            1, label="Rank of the highlighted caption", precision=0, minimum=1, scale=1))
                     ranked = gr.Dataframe(headers=["rank", "caption", "score"], datatype=["number", "str", "number"],
                                           label="Ranked captions (click one to see its attention)",
                                           interactive=False, wrap=True, column_widths=["10%", "72%", "18%"],
@@ -131,7 +138,7 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
             gallery_state = gr.State(demo_logic.start_state)
             with gr.Row():
                 query = gr.Textbox(label="Caption", placeholder="a cat lying on a blanket", scale=4)
-                top_k = gr.Slider(1, 50, value=8, step=1, label="Results", scale=1)
+                top_k = checked_by_the_app(gr.Slider(1, MAX_RESULTS, value=8, step=1, label="Results", scale=1))
             search_button = gr.Button("Search", variant="primary")
             search_status = gr.Markdown(label="Images searched", elem_id="search-status")
             with gr.Row():
@@ -143,7 +150,8 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
                     with gr.Row():
                         hit_caption = gr.Textbox(label="Selected match", interactive=False, scale=4,
                                                  elem_id="hit-caption")
-                        hit_rank = gr.Number(1, label="Rank of the selected match", precision=0, minimum=1, scale=1)
+                        hit_rank = checked_by_the_app(gr.Number(1, label="Rank of the selected match", precision=0,
+                                                                minimum=1, scale=1))
             gallery_status = gr.Markdown(demo_logic.gallery_status(gallery_state.value), label="Gallery status",
                                          elem_id="gallery-status")
             with gr.Row():

@@ -36,6 +36,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 MAX_CAPTIONS = 1000
 MAX_CAPTION_CHARS = 1000
 MAX_GALLERY = 2000
+MAX_RESULTS = 50  # of a gallery search
 # One add is at most about a minute of extraction on 2 cores, so other users' adds wait no longer.
 MAX_FILES_PER_ADD = 200
 # What is decoded: 40 Mpx (a 7300 x 5500 photo) is 120 MB of RGB, so two requests at once stay
@@ -56,6 +57,12 @@ def refuse(message: str) -> gr.Error:
     """A user-input error: shown in the page, logged as one console line instead of a traceback."""
     logger.warning("refused: %s", message)
     return gr.Error(message, print_exception=False)
+
+
+def is_whole_number(value: object, low: int, high: int) -> bool:
+    """Whether ``value`` (as an API client sent it) is a whole number from ``low`` to ``high``."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+            and low <= value <= high)
 
 
 def parse_captions(text: str | None) -> list[str]:
@@ -192,7 +199,7 @@ def rank_pickers(show: Callable[[dict, int], tuple], items: Callable[[dict], lis
         n = len(items(state)) if state else 0
         if not n:
             raise refuse(first)
-        if rank is None or not float(rank).is_integer() or not 1 <= rank <= n:
+        if not is_whole_number(rank, 1, n):
             raise refuse(f"Pick {what} from 1 to {n}.")
         return show(state, int(rank) - 1)
 
@@ -338,6 +345,8 @@ class Demo:
             raise refuse("Type a caption to search for.")
         if len(query) > MAX_CAPTION_CHARS:
             raise refuse(f"The query is longer than {MAX_CAPTION_CHARS} characters; shorten it.")
+        if not is_whole_number(top_k, 1, MAX_RESULTS):
+            raise refuse(f"Ask for 1 to {MAX_RESULTS} results.")
         galleries = self._galleries(state)
         if not galleries:
             raise refuse("The gallery is empty: add images first (or reload the page for the samples).")

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gradio_client import handle_file
+from gradio_client.exceptions import AppError
 
 from conftest import CAT, app_process, rank
 
@@ -107,3 +108,22 @@ def test_sigterm_deletes_uploads_and_drawings_like_ctrl_c(tmp_path):
         assert len(files_under(uploads)) >= 2, "the upload and the drawing"
     # Only the empty folder Gradio makes in its temporary folder whenever it is imported may stay.
     assert [p.name for p in uploads.rglob("*")] in ([], ["vibe_edit_history"]), "a Space's restart leaves nothing"
+
+
+# Finding 5: out-of-range numbers from the API are one warning line, not a traceback.
+
+def test_out_of_range_numbers_are_refused_in_one_line(served_app):
+    client, _, _, log = served_app
+    start = log.stat().st_size
+    for top_k in (0, -5, 1e9, 2.5):
+        with pytest.raises(AppError, match=r"^Ask for 1 to 50 results\."):
+            client.predict("a cat", top_k, api_name="/search_gallery")
+    rank(client, handle_file(CAT), "a cat\na dog", scoring=None)
+    for number in (0, -1, 3):
+        with pytest.raises(AppError, match=r"^Pick a rank from 1 to 2\."):
+            client.predict(number, api_name="/highlight_caption")
+    with open(log) as console:
+        console.seek(start)
+        written = console.read()
+    assert "Traceback" not in written, written
+    assert written.count("refused: ") == 7
