@@ -25,7 +25,7 @@ from adapt.model import AdaptModel
 from adapt.pipeline import RankedCaptions, Retriever, hit_image
 from adapt.regions import ImageError, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
-from adapt.regions.image import shrink_to_max_side
+from adapt.regions.image import ImageTooLarge, shrink_to_max_side
 from adapt.search import GalleryIndex, GalleryIndexError
 from adapt.visualize import draw_hit, draw_ranked
 
@@ -77,6 +77,21 @@ def parse_captions(text: str | None) -> list[str]:
         raise refuse(f"Caption {too_long[0]} is longer than {MAX_CAPTION_CHARS} characters; "
                      "shorten it (a caption is a sentence or two).")
     return captions
+
+
+def image_problem(error: ImageError) -> str:
+    """What the app tells its user about an image it cannot use: for one with too many pixels, the
+    size to resize it to (the library's own advice, to raise ``max_pixels``, is not the user's to take)."""
+    if not isinstance(error, ImageTooLarge):
+        return str(error)
+    limit = f"{error.max_pixels / 1e6:g} megapixels"
+    if error.size is None:
+        return f"{error.name}: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels exceeds the app's limit of {limit}; " \
+               f"resize it below {limit} and upload it again."
+    width, height = error.size
+    scale = (error.max_pixels / (width * height)) ** 0.5
+    return (f"{error.name}: {width}x{height} = {width * height:,} pixels exceeds the app's limit of {limit}; "
+            f"resize it to {int(width * scale)}x{int(height * scale)} or smaller and upload it again.")
 
 
 def warn_unknown_words(model: AdaptModel, captions: list[str]) -> None:
@@ -255,7 +270,7 @@ class Demo:
         try:
             return load_image(path, self.max_pixels, max_side=WORKING_MAX_SIDE, name=name), name
         except ImageError as e:
-            raise refuse(str(e)) from e
+            raise refuse(image_problem(e)) from e
 
     def rank(self, image_path: str | None, captions_text: str, scoring: str | None, show_boxes: bool):
         """Rank the captions for the image: the table, the highlight of the best, its caption,
@@ -297,7 +312,7 @@ class Demo:
                 break
             file = next(read)
             if file.problem is not None:
-                problems.append(refuse(str(file.problem)).message)
+                problems.append(refuse(image_problem(file.problem)).message)
                 continue
             gallery.add(file.key, file.regions, source=file.path)
             state["names"][file.key] = file.name

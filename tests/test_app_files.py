@@ -14,6 +14,7 @@ import httpx
 import pytest
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
+from PIL import Image
 
 from conftest import CAT, app_process, rank
 
@@ -127,3 +128,19 @@ def test_out_of_range_numbers_are_refused_in_one_line(served_app):
         written = console.read()
     assert "Traceback" not in written, written
     assert written.count("refused: ") == 7
+
+
+# Finding 6: the pixel limits name what the app's user can do.
+
+@pytest.mark.parametrize("size,pixels", [((9000, 5000), "9000x5000 = 45,000,000 pixels"),
+                                         ((20000, 10000), "more than")])
+def test_too_many_pixels_tell_the_user_to_resize(served_app, tmp_path, size, pixels):
+    client = served_app[0]
+    huge = tmp_path / "huge.png"
+    Image.new("1", size).save(huge)  # a few kB: the limit is checked before decoding
+    with pytest.raises(AppError) as refused:
+        rank(client, handle_file(str(huge)), "a cat", scoring=None)
+    message = str(refused.value)
+    assert message.startswith(f"huge.png: {pixels}"), message
+    assert "exceeds the app's limit of 40 megapixels; resize it" in message, message
+    assert "max_pixels" not in message and "decompression bomb" not in message
