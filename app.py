@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from gradio.data_classes import ImageData
+from gradio.data_classes import FileData, ImageData, ListFiles
 from gradio.processing_utils import save_base64_to_cache
 from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
@@ -82,6 +82,24 @@ def image_upload(**kwargs: Any) -> gr.Image:
         return payload.path
 
     component.preprocess = upload_path
+    return component
+
+
+def files_upload(**kwargs: Any) -> gr.File:
+    """A ``gr.File`` of several files whose uploads reach the app as their paths.
+
+    ``gr.File``'s own preprocessing also creates an empty temporary file per upload in Gradio's
+    folder (and leaves it there); its file-type check refused a whole batch for one odd file, where
+    the app checks each file itself and reports those left out.
+    """
+    component = gr.File(file_count="multiple", type="filepath", **kwargs)
+
+    def upload_paths(payload: ListFiles | FileData | None) -> list[str] | None:
+        if payload is None:
+            return None
+        return [f.path for f in (payload.root if isinstance(payload, ListFiles) else [payload])]
+
+    component.preprocess = upload_paths
     return component
 
 
@@ -155,7 +173,7 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
             gallery_status = gr.Markdown(demo_logic.gallery_status(gallery_state.value), label="Gallery status",
                                          elem_id="gallery-status")
             with gr.Row():
-                uploads = gr.File(file_count="multiple", file_types=["image"], label="Add images to the gallery")
+                uploads = files_upload(file_types=["image"], label="Add images to the gallery")
                 clear_button = gr.Button("Clear the gallery", variant="stop")
             found = [results, search_status, hit_drawing, hit_caption, gallery_state]
             search_button.click(demo_logic.search, [query, top_k, gallery_state], found, api_name="search_gallery")

@@ -326,7 +326,7 @@ class Demo:
         if len(files) > MAX_FILES_PER_ADD:
             raise refuse(f"{len(files)} files: add at most {MAX_FILES_PER_ADD} at a time, please.")
         # Gradio gives every session its own deep copy of the State, so it is changed in place.
-        problems = self._add_files(state, [getattr(f, "name", f) for f in files], progress)
+        problems = self._add_files(state, files, progress)
         for problem in problems[:5]:
             gr.Warning(problem)
         if len(problems) > 5:

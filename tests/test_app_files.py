@@ -111,6 +111,19 @@ def test_sigterm_deletes_uploads_and_drawings_like_ctrl_c(tmp_path):
     assert [p.name for p in uploads.rglob("*")] in ([], ["vibe_edit_history"]), "a Space's restart leaves nothing"
 
 
+# Finding 4: gr.File's preprocessing wrote an empty file per added image.
+
+def test_adding_images_leaves_no_empty_files(served_app, tmp_path):
+    client, _, uploads, _ = served_app
+    photos = []
+    for i in range(3):
+        photos.append(tmp_path / f"cat{i}.jpg")
+        photos[-1].write_bytes(Path(CAT).read_bytes())
+    status = client.predict([handle_file(str(p)) for p in photos], api_name="/add_images")[0]
+    assert "of yours" in status
+    assert [p for p in files_under(uploads) if p.stat().st_size == 0] == []
+
+
 # Finding 5: out-of-range numbers from the API are one warning line, not a traceback.
 
 def test_out_of_range_numbers_are_refused_in_one_line(served_app):
