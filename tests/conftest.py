@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,12 +16,23 @@ from typing import Iterator
 # (measured: region tests 209 s instead of 55 s on a busy 2-core machine). Must be set before torch
 # loads, which is why it lives here, the first module pytest imports.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# All that the tests, the apps they launch and every child process write to the temporary folder
+# (Gradio's uploads, their 40-hex folders and gradio_client's downloads, torchrun's torchelastic_*
+# folders, pytest's tmp_path) goes to a folder of this session, removed at its end, on failure too.
+# Set before Gradio loads: it reads GRADIO_TEMP_DIR on import.
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="adapt-tests-"))
+os.environ["TMPDIR"] = tempfile.tempdir = str(SESSION_TMP)
+os.environ["GRADIO_TEMP_DIR"] = str(SESSION_TMP / "gradio")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 from training.synthetic import concept_images, concept_prototypes  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 def concept_data(n_images: int, n_concepts: int = 12, dim: int = 32, n_regions: int = 8,

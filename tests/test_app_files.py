@@ -8,6 +8,8 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -16,7 +18,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import CAT, app_process, rank
+from conftest import CAT, ROOT, app_process, rank
 
 UPLOADS_MAX_MB = 60
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
@@ -157,3 +159,26 @@ def test_too_many_pixels_tell_the_user_to_resize(served_app, tmp_path, size, pix
     assert message.startswith(f"huge.png: {pixels}"), message
     assert "exceeds the app's limit of 40 megapixels; resize it" in message, message
     assert "max_pixels" not in message and "decompression bomb" not in message
+
+
+# Finding 7: a test run, failed or not, leaves nothing in the temporary folder.
+
+def test_a_failing_test_run_leaves_nothing_in_tmp(tmp_path):
+    (tmp_path / "test_leaves.py").write_text(
+        "import subprocess, sys, tempfile\n"
+        "from pathlib import Path\n"
+        "from gradio.utils import get_upload_folder\n\n"
+        "def test_writes_and_fails(tmp_path):\n"
+        "    tempfile.mkdtemp()\n"
+        "    Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)\n"
+        "    (Path(get_upload_folder()) / 'upload.png').write_bytes(b'x')\n"
+        "    subprocess.run([sys.executable, '-c', 'import tempfile; tempfile.mkdtemp()'], check=True)\n"
+        "    assert False\n")
+    base = tmp_path / "tmp"
+    base.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("GRADIO_TEMP_DIR", "PYTEST_ADDOPTS")}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                          str(tmp_path / "test_leaves.py")], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "TMPDIR": str(base), "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"})
+    assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout + run.stderr
+    assert not list(base.iterdir())
