@@ -16,17 +16,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from gradio.data_classes import ImageData
+from gradio.data_classes import FileData, ImageData, ListFiles
 from gradio.processing_utils import save_base64_to_cache
+from gradio.utils import get_upload_folder
+from starlette.middleware import Middleware
 
 from adapt import fused
 from adapt.model import CheckpointError
 from adapt.pipeline import Retriever, read_model_card
-from app_logic import EXAMPLES, ROOT, Demo, open_gallery
+from app_logic import EXAMPLES, MAX_RESULTS, ROOT, BoundedUploads, Demo, open_gallery, refuse
 from checkpoints import DEFAULT_CHECKPOINT
 
 
@@ -35,9 +40,11 @@ logger = logging.getLogger("adapt.app")
 CACHE_DIR = Path(os.environ.get("ADAPT_CACHE_DIR", ROOT / ".cache" / "regions"))
 # About 5000 images' regions; the least recently used are deleted beyond it.
 CACHE_MAX_BYTES = int(os.environ.get("ADAPT_CACHE_MAX_MB", 1024)) * 2**20
-MAX_FILE_SIZE = "25mb"
+MAX_FILE_SIZE = 25 * 2**20  # bytes, for an upload and for a pasted image alike
 # Uploads and drawings in Gradio's cache older than a day are deleted, checked every hour.
 DELETE_CACHE = (3600, 86400)
+# Beyond this many bytes of them in all, the oldest are deleted at once (one upload may be this large).
+UPLOADS_MAX_BYTES = int(os.environ.get("ADAPT_UPLOADS_MAX_MB", 2048)) * 2**20
 EXAMPLE_CAPTIONS = "\n".join([
     "A group of people observing two planes at an air show.",
     "A large white dog is sitting on a bench beside an elderly man.",
@@ -64,10 +71,42 @@ def image_upload(**kwargs: Any) -> gr.Image:
         if payload is None:
             return None
         if payload.url and payload.url.startswith("data:"):  # a pasted image: written to a file first
-            return save_base64_to_cache(payload.url, component.GRADIO_CACHE, payload.orig_name or "pasted.png")
+            name = payload.orig_name or "pasted.png"
+            # Gradio's upload limit does not apply to data in the request: its size from the base64
+            # length (4 characters per 3 bytes), before anything is decoded or written.
+            size = (len(payload.url) - payload.url.find(",") - 1) * 3 // 4
+            if size > MAX_FILE_SIZE:
+                raise refuse(f"{name}: {size / 2**20:.1f} MB is more than the {MAX_FILE_SIZE // 2**20} MB an image "
+                             "may have; save it smaller (e.g. as a JPEG) and upload it again.")
+            return save_base64_to_cache(payload.url, component.GRADIO_CACHE, name)
         return payload.path
 
     component.preprocess = upload_path
+    return component
+
+
+def files_upload(**kwargs: Any) -> gr.File:
+    """A ``gr.File`` of several files whose uploads reach the app as their paths.
+
+    ``gr.File``'s own preprocessing also creates an empty temporary file per upload in Gradio's
+    folder (and leaves it there); its file-type check refused a whole batch for one odd file, where
+    the app checks each file itself and reports those left out.
+    """
+    component = gr.File(file_count="multiple", type="filepath", **kwargs)
+
+    def upload_paths(payload: ListFiles | FileData | None) -> list[str] | None:
+        if payload is None:
+            return None
+        return [f.path for f in (payload.root if isinstance(payload, ListFiles) else [payload])]
+
+    component.preprocess = upload_paths
+    return component
+
+
+def checked_by_the_app(component: gr.Number | gr.Slider) -> gr.Number | gr.Slider:
+    """``component`` passing its number to the app unchecked: the app's handler checks the range and
+    refuses with its own message in one log line, where Gradio's own check prints a traceback."""
+    component.preprocess = lambda payload: payload
     return component
 
 
@@ -94,8 +133,8 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
                     with gr.Row():
                         highlight_caption = gr.Textbox(label="Highlighted caption", interactive=False, scale=4,
                                                        elem_id="highlighted-caption")
-                        highlight_rank = gr.Number(1, label="Rank of the highlighted caption", precision=0,
-                                                   minimum=1, scale=1)
+                        highlight_rank = checked_by_the_app(gr.Number(
+                            1, label="Rank of the highlighted caption", precision=0, minimum=1, scale=1))
                     ranked = gr.Dataframe(headers=["rank", "caption", "score"], datatype=["number", "str", "number"],
                                           label="Ranked captions (click one to see its attention)",
                                           interactive=False, wrap=True, column_widths=["10%", "72%", "18%"],
@@ -117,7 +156,7 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
             gallery_state = gr.State(demo_logic.start_state)
             with gr.Row():
                 query = gr.Textbox(label="Caption", placeholder="a cat lying on a blanket", scale=4)
-                top_k = gr.Slider(1, 50, value=8, step=1, label="Results", scale=1)
+                top_k = checked_by_the_app(gr.Slider(1, MAX_RESULTS, value=8, step=1, label="Results", scale=1))
             search_button = gr.Button("Search", variant="primary")
             search_status = gr.Markdown(label="Images searched", elem_id="search-status")
             with gr.Row():
@@ -129,11 +168,12 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
                     with gr.Row():
                         hit_caption = gr.Textbox(label="Selected match", interactive=False, scale=4,
                                                  elem_id="hit-caption")
-                        hit_rank = gr.Number(1, label="Rank of the selected match", precision=0, minimum=1, scale=1)
+                        hit_rank = checked_by_the_app(gr.Number(1, label="Rank of the selected match", precision=0,
+                                                                minimum=1, scale=1))
             gallery_status = gr.Markdown(demo_logic.gallery_status(gallery_state.value), label="Gallery status",
                                          elem_id="gallery-status")
             with gr.Row():
-                uploads = gr.File(file_count="multiple", file_types=["image"], label="Add images to the gallery")
+                uploads = files_upload(file_types=["image"], label="Add images to the gallery")
                 clear_button = gr.Button("Clear the gallery", variant="stop")
             found = [results, search_status, hit_drawing, hit_caption, gallery_state]
             search_button.click(demo_logic.search, [query, top_k, gallery_state], found, api_name="search_gallery")
@@ -179,10 +219,22 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("%s", problem)
     elif served is not None:
         logger.info("serving the gallery %s: %d images", args.gallery, len(served))
+    # An upload folder of this process's own (Gradio's components read it when built), deleted when
+    # the app stops: on Ctrl-C and on SIGTERM alike, which is how a Space is restarted.
+    Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)
+    uploads = Path(tempfile.mkdtemp(prefix="adapt-app-", dir=get_upload_folder())).resolve()
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     demo = build_demo(Demo(retriever, kernels_building=warm_up.is_alive, served=served, served_problem=problem),
                       args.checkpoint)
     demo.queue(default_concurrency_limit=2, max_size=32)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, show_error=True)
+    examples = frozenset(path for block in demo.blocks.values() for path in getattr(block, "keep_in_cache", ()))
+    bound = Middleware(BoundedUploads, folder=uploads, max_bytes=UPLOADS_MAX_BYTES, keep=examples)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE, show_error=True,
+                    app_kwargs={"middleware": [bound]})
+    finally:
+        shutil.rmtree(uploads, ignore_errors=True)
 
 
 if __name__ == "__main__":

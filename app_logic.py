@@ -5,24 +5,27 @@ the page, never a traceback. :mod:`app` wires it to Gradio components."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import anyio
 import gradio as gr
 from gradio.utils import get_upload_folder
 from PIL import Image
+from starlette.responses import PlainTextResponse
 
 from adapt.gallery import MemoryGallery, SearchHit
 from adapt.model import AdaptModel
 from adapt.pipeline import RankedCaptions, Retriever, hit_image
 from adapt.regions import ImageError, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
-from adapt.regions.image import shrink_to_max_side
+from adapt.regions.image import ImageTooLarge, shrink_to_max_side
 from adapt.search import GalleryIndex, GalleryIndexError
 from adapt.visualize import draw_hit, draw_ranked
 
@@ -33,6 +36,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 MAX_CAPTIONS = 1000
 MAX_CAPTION_CHARS = 1000
 MAX_GALLERY = 2000
+MAX_RESULTS = 50  # of a gallery search
 # One add is at most about a minute of extraction on 2 cores, so other users' adds wait no longer.
 MAX_FILES_PER_ADD = 200
 # What is decoded: 40 Mpx (a 7300 x 5500 photo) is 120 MB of RGB, so two requests at once stay
@@ -55,6 +59,12 @@ def refuse(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def is_whole_number(value: object, low: int, high: int) -> bool:
+    """Whether ``value`` (as an API client sent it) is a whole number from ``low`` to ``high``."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+            and low <= value <= high)
+
+
 def parse_captions(text: str | None) -> list[str]:
     """Non-empty lines of ``text``; raises :class:`gr.Error` with what to fix."""
     captions = [line.strip() for line in (text or "").splitlines() if line.strip()]
@@ -67,6 +77,21 @@ def parse_captions(text: str | None) -> list[str]:
         raise refuse(f"Caption {too_long[0]} is longer than {MAX_CAPTION_CHARS} characters; "
                      "shorten it (a caption is a sentence or two).")
     return captions
+
+
+def image_problem(error: ImageError) -> str:
+    """What the app tells its user about an image it cannot use: for one with too many pixels, the
+    size to resize it to (the library's own advice, to raise ``max_pixels``, is not the user's to take)."""
+    if not isinstance(error, ImageTooLarge):
+        return str(error)
+    limit = f"{error.max_pixels / 1e6:g} megapixels"
+    if error.size is None:
+        return f"{error.name}: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels exceeds the app's limit of {limit}; " \
+               f"resize it below {limit} and upload it again."
+    width, height = error.size
+    scale = (error.max_pixels / (width * height)) ** 0.5
+    return (f"{error.name}: {width}x{height} = {width * height:,} pixels exceeds the app's limit of {limit}; "
+            f"resize it to {int(width * scale)}x{int(height * scale)} or smaller and upload it again.")
 
 
 def warn_unknown_words(model: AdaptModel, captions: list[str]) -> None:
@@ -106,6 +131,54 @@ class DrawingFiles:
         return path
 
 
+def prune_oldest(folder: Path, max_bytes: int, keep: frozenset[str] = frozenset()) -> None:
+    """Delete the oldest files under ``folder`` (by modification time; never those in ``keep``) until
+    all of them together take at most ``max_bytes``; a folder emptied so (an upload's own) goes too."""
+    files, total = [], 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by Gradio or another prune
+                stat = os.stat(path)
+                total += stat.st_size
+                if path not in keep:
+                    files.append((stat.st_mtime, stat.st_size, path))
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        Path(path).unlink(missing_ok=True)
+        total -= size
+        with contextlib.suppress(OSError):  # not empty: other files still live there
+            os.rmdir(os.path.dirname(path))
+
+
+class BoundedUploads:
+    """ASGI middleware that keeps Gradio's upload folder within ``max_bytes``.
+
+    Anyone may send files to ``/gradio_api/upload`` without calling the app, and Gradio keeps them
+    for a day. Each upload must say its size (Content-Length) and fit the bound; room is made for it
+    beforehand by deleting the oldest files (``keep``: the example photos' copies, never deleted), so
+    a flood pushes out its own files first. Drawings live in the same folder and count too.
+    """
+
+    def __init__(self, app: Any, folder: Path, max_bytes: int, keep: frozenset[str] = frozenset()) -> None:
+        self.app, self.folder, self.max_bytes, self.keep = app, folder, max_bytes, keep
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/gradio_api/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit():
+            return await PlainTextResponse("Send uploads with their size (Content-Length).", 411)(scope, receive, send)
+        if int(length) > self.max_bytes:
+            refusal = f"Upload at most {self.max_bytes // 2**20} MB at a time, please."
+            return await PlainTextResponse(refusal, 413)(scope, receive, send)
+        await anyio.to_thread.run_sync(prune_oldest, self.folder, self.max_bytes - int(length), self.keep)
+        await self.app(scope, receive, send)
+        # Concurrent uploads may each have made room for themselves only.
+        await anyio.to_thread.run_sync(prune_oldest, self.folder, self.max_bytes, self.keep)
+
+
 def open_gallery(folder: str, model: AdaptModel) -> tuple[GalleryIndex | None, str | None]:
     """The index in ``folder`` opened for ``model``, or ``None`` and why it cannot be served (an
     index of another model names the difference)."""
@@ -141,7 +214,7 @@ def rank_pickers(show: Callable[[dict, int], tuple], items: Callable[[dict], lis
         n = len(items(state)) if state else 0
         if not n:
             raise refuse(first)
-        if rank is None or not float(rank).is_integer() or not 1 <= rank <= n:
+        if not is_whole_number(rank, 1, n):
             raise refuse(f"Pick {what} from 1 to {n}.")
         return show(state, int(rank) - 1)
 
@@ -197,7 +270,7 @@ class Demo:
         try:
             return load_image(path, self.max_pixels, max_side=WORKING_MAX_SIDE, name=name), name
         except ImageError as e:
-            raise refuse(str(e)) from e
+            raise refuse(image_problem(e)) from e
 
     def rank(self, image_path: str | None, captions_text: str, scoring: str | None, show_boxes: bool):
         """Rank the captions for the image: the table, the highlight of the best, its caption,
@@ -239,7 +312,7 @@ class Demo:
                 break
             file = next(read)
             if file.problem is not None:
-                problems.append(refuse(str(file.problem)).message)
+                problems.append(refuse(image_problem(file.problem)).message)
                 continue
             gallery.add(file.key, file.regions, source=file.path)
             state["names"][file.key] = file.name
@@ -253,7 +326,7 @@ class Demo:
         if len(files) > MAX_FILES_PER_ADD:
             raise refuse(f"{len(files)} files: add at most {MAX_FILES_PER_ADD} at a time, please.")
         # Gradio gives every session its own deep copy of the State, so it is changed in place.
-        problems = self._add_files(state, [getattr(f, "name", f) for f in files], progress)
+        problems = self._add_files(state, files, progress)
         for problem in problems[:5]:
             gr.Warning(problem)
         if len(problems) > 5:
@@ -287,6 +360,8 @@ class Demo:
             raise refuse("Type a caption to search for.")
         if len(query) > MAX_CAPTION_CHARS:
             raise refuse(f"The query is longer than {MAX_CAPTION_CHARS} characters; shorten it.")
+        if not is_whole_number(top_k, 1, MAX_RESULTS):
+            raise refuse(f"Ask for 1 to {MAX_RESULTS} results.")
         galleries = self._galleries(state)
         if not galleries:
             raise refuse("The gallery is empty: add images first (or reload the page for the samples).")

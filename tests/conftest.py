@@ -2,10 +2,12 @@
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -14,12 +16,23 @@ from typing import Iterator
 # (measured: region tests 209 s instead of 55 s on a busy 2-core machine). Must be set before torch
 # loads, which is why it lives here, the first module pytest imports.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# All that the tests, the apps they launch and every child process write to the temporary folder
+# (Gradio's uploads, their 40-hex folders and gradio_client's downloads, torchrun's torchelastic_*
+# folders, pytest's tmp_path) goes to a folder of this session, removed at its end, on failure too.
+# Set before Gradio loads: it reads GRADIO_TEMP_DIR on import.
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="adapt-tests-"))
+os.environ["TMPDIR"] = tempfile.tempdir = str(SESSION_TMP)
+os.environ["GRADIO_TEMP_DIR"] = str(SESSION_TMP / "gradio")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 from training.synthetic import concept_images, concept_prototypes  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 def concept_data(n_images: int, n_concepts: int = 12, dim: int = 32, n_regions: int = 8,
@@ -45,32 +58,39 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def app_process(env: dict[str, str], timeout: float = 300) -> Iterator[Client]:
+def app_process(env: dict[str, str], timeout: float = 300, stop: signal.Signals = signal.SIGINT,
+                log: Path | None = None) -> Iterator[Client]:
     """``python app.py`` (the README's command) started in a process of its own with ``env`` added to
     this one's, and a gradio_client of it once it listens. The app is stopped on leaving, on failure too:
-    Ctrl-C first (the app cleans up), then killed if it has not exited within 60 s."""
+    with ``stop`` first (Ctrl-C by default; the app cleans up), then killed if it has not exited within
+    60 s. Its console output goes to the file ``log`` (default: a temporary file), never to a pipe
+    nobody reads (a full pipe would block the app)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
-                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **env},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:  # not listening yet
-                assert time.monotonic() < deadline, "the app did not start"
-                time.sleep(1)
-        yield client
-    finally:
-        server.send_signal(signal.SIGINT)
+    with contextlib.ExitStack() as stack:
+        console = stack.enter_context(open(log, "w+") if log else tempfile.TemporaryFile("w+"))
+        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
+                                  env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **env},
+                                  stdout=subprocess.DEVNULL, stderr=console, text=True)
         try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            deadline = time.monotonic() + timeout
+            while True:
+                if server.poll() is not None:
+                    console.seek(0)
+                    raise AssertionError(f"the app exited with status {server.returncode}:\n{console.read()[-3000:]}")
+                try:
+                    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                    break
+                except Exception:  # not listening yet
+                    assert time.monotonic() < deadline, "the app did not start"
+                    time.sleep(1)
+            yield client
+        finally:
+            server.send_signal(stop)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def rank(client, image, captions: str, scoring: str = ENSEMBLE, boxes: bool = False):

@@ -32,6 +32,16 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message says why and what to do."""
 
 
+class ImageTooLarge(ImageError):
+    """An image with more pixels than ``max_pixels``, refused before decoding; ``size`` is its
+    (width, height), or ``None`` when Pillow refused it first as a possible decompression bomb
+    (over twice ``PIL.Image.MAX_IMAGE_PIXELS``). An application words its own advice from these."""
+
+    def __init__(self, message: str, name: str, size: tuple[int, int] | None, max_pixels: int) -> None:
+        super().__init__(message)
+        self.name, self.size, self.max_pixels = name, size, max_pixels
+
+
 def shrink_to_max_side(image: Image.Image, max_side: int) -> Image.Image:
     """``image`` downscaled (bilinear, aspect kept) so its longer side is at most ``max_side``;
     the same object when it already fits. The project's one way to make a smaller copy."""
@@ -98,7 +108,7 @@ def _open_file(path: Path, max_pixels: int, max_side: int | None, name: str) -> 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: refused as a possible decompression bomb ({e})") from e
+        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({e})", name, None, max_pixels) from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{name}: not an image file Pillow can read (JPEG, PNG, WebP, TIFF, BMP, "
                          "GIF, ...); is it corrupt or another kind of file?") from e
@@ -132,9 +142,9 @@ def _upright(image: Image.Image) -> Image.Image:
 def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
-            f"{max_pixels:,}; downscale the image first or raise max_pixels"
+            f"{max_pixels:,}; downscale the image first or raise max_pixels", name, (width, height), max_pixels
         )
 
 
