@@ -31,7 +31,17 @@ from starlette.middleware import Middleware
 from adapt import fused
 from adapt.model import CheckpointError
 from adapt.pipeline import Retriever, read_model_card
-from app_logic import EXAMPLES, MAX_RESULTS, ROOT, BoundedUploads, Demo, open_gallery, refuse
+from app_logic import (
+    EXAMPLES,
+    LONG_AT_ONCE,
+    MAX_RESULTS,
+    ROOT,
+    SHORT_AT_ONCE,
+    BoundedUploads,
+    Demo,
+    open_gallery,
+    refuse,
+)
 from checkpoints import DEFAULT_CHECKPOINT
 
 
@@ -145,7 +155,8 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
             rank_state = gr.State()
             rank_button.click(demo_logic.rank, [image, captions, scoring, show_boxes],
                               [ranked, highlight, highlight_caption, boxes, highlight_rank, rank_state],
-                              api_name="rank_captions")
+                              api_name="rank_captions", concurrency_limit=LONG_AT_ONCE + SHORT_AT_ONCE,
+                              concurrency_id="rank_captions")
             highlight_rank.input(demo_logic.highlight_caption, [highlight_rank, rank_state],
                                  [highlight, highlight_caption], api_name="highlight_caption",
                                  trigger_mode="always_last")

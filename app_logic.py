@@ -12,7 +12,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import anyio
 import gradio as gr
@@ -35,6 +35,14 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 MAX_CAPTIONS = 1000
 MAX_CAPTION_CHARS = 1000
+# The work of one ranking grows with its captions' total length (the text encoder reads every
+# token), not with their number: 20,000 characters are about 4,500 MiniLM tokens (README: cost).
+MAX_TOTAL_CHARS = 20_000
+# Rankings over this many characters are "long": at most LONG_AT_ONCE of them run at once, and
+# the /rank_captions event has SHORT_AT_ONCE more slots, so short rankings never wait behind long ones.
+SHORT_CHARS = 2_000
+LONG_AT_ONCE = 2
+SHORT_AT_ONCE = 2
 MAX_GALLERY = 2000
 MAX_RESULTS = 50  # of a gallery search
 # One add is at most about a minute of extraction on 2 cores, so other users' adds wait no longer.
@@ -76,6 +84,10 @@ def parse_captions(text: str | None) -> list[str]:
     if too_long:
         raise refuse(f"Caption {too_long[0]} is longer than {MAX_CAPTION_CHARS} characters; "
                      "shorten it (a caption is a sentence or two).")
+    total = sum(map(len, captions))
+    if total > MAX_TOTAL_CHARS:
+        raise refuse(f"The captions hold {total:,} characters: at most {MAX_TOTAL_CHARS:,} at a time, "
+                     "please; rank them in parts.")
     return captions
 
 
@@ -247,6 +259,7 @@ class Demo:
         self.served = served
         self.served_problem = served_problem
         self._served_lock = threading.Lock()  # an embedded Qdrant collection is not for concurrent use
+        self._long_lanes = threading.BoundedSemaphore(LONG_AT_ONCE)
         self.max_pixels = min(MAX_PIXELS, retriever.extractor.max_pixels)
         self.choices = [name for name, dirs in SCORING.items()
                         if set(dirs) <= set(retriever.directions)]
@@ -277,12 +290,28 @@ class Demo:
         the detected regions, the highlighted rank (1) and the session's state."""
         captions = parse_captions(captions_text)
         image, name = self._load(image_path)
-        warn_unknown_words(self.retriever.model, captions)
-        _, regions = self.retriever.regions(image)
-        ranked = self.retriever.rank_captions(regions, captions, SCORING.get(scoring or ""))
+        with self._lane(captions):
+            warn_unknown_words(self.retriever.model, captions)
+            _, regions = self.retriever.regions(image)
+            ranked = self.retriever.rank_captions(regions, captions, SCORING.get(scoring or ""))
         table = [[i + 1, c, round(float(s), 4)] for i, (c, s) in enumerate(zip(ranked.captions, ranked.scores))]
         state = {"image": shrink_to_max_side(image, DRAWING_MAX_SIDE), "ranked": ranked, "show_boxes": show_boxes}
         return (table, *self._highlight(state, 0), self._boxes_table(ranked), 1, state)
+
+    @contextlib.contextmanager
+    def _lane(self, captions: list[str]) -> Iterator[None]:
+        """Hold one of the LONG_AT_ONCE lanes while ranking long ``captions`` (refused when all are
+        busy, so that long rankings never hold the slots short ones need)."""
+        if sum(map(len, captions)) <= SHORT_CHARS:
+            yield
+            return
+        if not self._long_lanes.acquire(blocking=False):
+            raise refuse(f"{LONG_AT_ONCE} long caption lists are being ranked right now; try again in a few "
+                         f"seconds, or send at most {SHORT_CHARS:,} characters of captions.")
+        try:
+            yield
+        finally:
+            self._long_lanes.release()
 
     def _highlight(self, state: dict, row: int) -> tuple[str, str]:
         """The drawing of ranked caption ``row`` (its file) and that caption, as plain text."""

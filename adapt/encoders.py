@@ -7,6 +7,7 @@ own their tokenizer, so ``encoder.tokenize(texts)`` -> :class:`TokenBatch` -> ``
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from adapt.resources import installed_path, package_path
 
 PAD, UNK = "<pad>", "<unk>"
+# Bound of a frozen transformer's memo: about 11,000 captions of 15 MiniLM tokens; it bounds what
+# the app's idle process keeps, whatever the captions' length.
+MEMO_BYTES = 256 * 2**20
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -248,12 +252,13 @@ class TransformerTextEncoder(nn.Module):
         finetune: train the transformer; otherwise it is frozen and kept in eval mode, and its
             states are memoised per caption (see :meth:`hidden_states`).
         max_tokens: cut captions to this many word pieces (default: the model's limit).
-        memo_captions: how many captions' frozen states to keep (a training set's captions are
-            seen every epoch: memoised, a frozen MiniLM costs nothing after the first).
+        memo_bytes: how many bytes of captions' frozen states to keep (a training set's captions
+            are seen every epoch: memoised, a frozen MiniLM costs nothing after the first; a
+            caption costs ``4 * tokens * hidden_size`` bytes, about 23 kB for 15 MiniLM tokens).
     """
 
     def __init__(self, name: str, latent_size: int, finetune: bool = False,
-                 max_tokens: int | None = None, memo_captions: int = 200_000) -> None:
+                 max_tokens: int | None = None, memo_bytes: int = MEMO_BYTES) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -264,8 +269,10 @@ class TransformerTextEncoder(nn.Module):
         self.backbone.requires_grad_(finetune)
         self.max_tokens = max_tokens or min(self.tokenizer.model_max_length, 512)
         self.proj = nn.Linear(self.backbone.config.hidden_size, latent_size)
-        self.memo_captions = memo_captions
+        self.memo_bytes = memo_bytes
         self._memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._memo_size = 0  # bytes of the tensors in _memo
+        self._memo_lock = threading.Lock()  # concurrent app requests share the memo
 
     def train(self, mode: bool = True) -> "TransformerTextEncoder":
         super().train(mode)
@@ -294,7 +301,7 @@ class TransformerTextEncoder(nn.Module):
         """The transformer's last hidden states, ``(n, t, hidden_size)`` (padding: zeros).
 
         A frozen transformer's states depend on the caption alone, so they are memoised per caption
-        (least recently used first out, at most ``memo_captions``); only new captions run through it.
+        (least recently used first out, at most ``memo_bytes``); only new captions run through it.
         """
         batch = batch.to(self.proj.weight.device)
         if self.finetune:
@@ -302,18 +309,26 @@ class TransformerTextEncoder(nn.Module):
                 hidden = self.backbone(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
             return hidden * batch.mask.unsqueeze(-1)
         keys = [ids[mask].cpu().numpy().tobytes() for ids, mask in zip(batch.ids, batch.mask)]
-        new = sorted({keys.index(key) for key in keys if key not in self._memo})
+        with self._memo_lock:
+            found = {key: self._memo.get(key) for key in keys}
+            for key in found:
+                if found[key] is not None:
+                    self._memo.move_to_end(key)
+        new = [keys.index(key) for key, states in found.items() if states is None]
         if new:
             with torch.no_grad():
                 states = self.backbone(input_ids=batch.ids[new], attention_mask=batch.mask[new].long()).last_hidden_state
-            for row, i in enumerate(new):
-                self._memo[keys[i]] = states[row][batch.mask[i]].clone()
+            with self._memo_lock:
+                for row, i in enumerate(new):
+                    replaced = self._memo.pop(keys[i], None)  # put there meanwhile by another request
+                    self._memo_size -= 0 if replaced is None else replaced.nbytes
+                    found[keys[i]] = self._memo[keys[i]] = states[row][batch.mask[i]].clone()
+                    self._memo_size += found[keys[i]].nbytes
+                while self._memo_size > self.memo_bytes:
+                    self._memo_size -= self._memo.popitem(last=False)[1].nbytes
         hidden = torch.zeros(*batch.ids.shape, self.backbone.config.hidden_size, device=batch.ids.device)
         for i, key in enumerate(keys):
-            self._memo.move_to_end(key)
-            hidden[i][batch.mask[i]] = self._memo[key]
-        while len(self._memo) > self.memo_captions:
-            self._memo.popitem(last=False)
+            hidden[i][batch.mask[i]] = found[key]
         return hidden
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:

@@ -30,6 +30,11 @@ from adapt.regions import (
 )
 from adapt.regions.base import WORKING_MAX_SIDE
 
+# Padded caption tokens scored at once by rank_captions: the text encoder's activations and the
+# (n, t, d) word features of one call grow with this, not with the number of captions.
+CHUNK_TOKENS = 4096
+
+
 @dataclass
 class RankedCaptions:
     """Captions of one image, best first.
@@ -181,11 +186,18 @@ class Retriever:
             directions: ``("t2i",)``, ``("i2t",)`` or both (default: the model's kind).
         """
         regions = image if isinstance(image, Regions) else self.regions(image)[1]
-        out = self.model.score(torch.from_numpy(regions.features[None]), list(captions), directions=directions,
-                               return_attention=True)
-        scores = out.scores[0].cpu().numpy()
+        features = torch.from_numpy(regions.features[None])
+        scores = np.empty(len(captions), dtype=np.float32)
+        attention: list[torch.Tensor | None] = [None] * len(captions)
+        for chunk in caption_chunks(self.model.tokenize(list(captions)).mask.sum(1).tolist()):
+            out = self.model.score(features, [captions[i] for i in chunk], directions=directions,
+                                   return_attention=True)
+            scores[chunk] = out.scores[0].cpu().numpy()
+            if out.region_attention is not None:
+                for row, i in enumerate(chunk):
+                    attention[i] = out.region_attention[0, row]
         order = np.argsort(-scores, kind="stable")
-        weights = None if out.region_attention is None else region_shares(out.region_attention[0])[order]
+        weights = None if attention[0] is None else region_shares(torch.stack(attention))[order]
         return RankedCaptions([captions[i] for i in order], scores[order], weights, regions)
 
     def search(
@@ -203,6 +215,24 @@ class Retriever:
                                     "retriever's: build it with MemoryGallery(retriever.model), or open "
                                     "the index with this retriever's model")
         return search_galleries(galleries, [caption], top_k, directions=directions)[0]
+
+
+def caption_chunks(lengths: Sequence[int], padded_tokens: int = CHUNK_TOKENS) -> list[list[int]]:
+    """Caption positions grouped for scoring, shortest first, each group's padded batch
+    (``len(group) * its longest caption``) at most ``padded_tokens`` (a longer caption alone).
+
+    Captions are scored independently of each other, so chunks give the same scores as one batch;
+    they bound the memory of one call (the text encoder's activations and the ``(n, t, d)`` word
+    features grow with the padded batch, and one long caption would pad every short one).
+    """
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):  # so the newest is the longest
+        if chunks and (len(chunks[-1]) + 1) * lengths[i] <= padded_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
 
 def hit_image(hit: SearchHit, max_pixels: int, name: str | None = None) -> Image.Image | None:
     """The picture of a search hit (decoded near the extractor's working size), or ``None`` when

@@ -121,6 +121,7 @@ def test_memoised_transformer_states_equal_fresh_ones_and_stay_bounded(model):
         fresh = text.backbone(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
     fresh = fresh * batch.mask.unsqueeze(-1)
     text._memo.clear()
+    text._memo_size = 0
     torch.testing.assert_close(text.hidden_states(batch), fresh, atol=1e-5, rtol=1e-4)
     assert len(text._memo) == 3
     # A second batch mixing known and new captions, padded differently, gives the same states.
@@ -128,12 +129,16 @@ def test_memoised_transformer_states_equal_fresh_ones_and_stay_bounded(model):
     states = text.hidden_states(again)
     torch.testing.assert_close(states[0, : int(again.mask[0].sum())], fresh[1, : int(batch.mask[1].sum())],
                                atol=1e-5, rtol=1e-4)
-    old_limit, text.memo_captions = text.memo_captions, 2
+    boat = text.tokenize(["a boat"])
+    # Room for the newest caption's states and the boat's: the two most recent stay, the rest go.
+    boat_bytes = int(boat.mask.sum()) * text.backbone.config.hidden_size * 4
+    old_limit, text.memo_bytes = text.memo_bytes, text._memo[next(reversed(text._memo))].nbytes + boat_bytes
     try:
-        text.hidden_states(text.tokenize(["a boat"]))
+        text.hidden_states(boat)
         assert len(text._memo) == 2
+        assert text._memo_size == sum(states.nbytes for states in text._memo.values()) <= text.memo_bytes
     finally:
-        text.memo_captions = old_limit
+        text.memo_bytes = old_limit
 
 
 def test_concepts_need_the_transformer_text_encoder():
