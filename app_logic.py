@@ -24,7 +24,7 @@ from adapt.regions import ImageError, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
 from adapt.regions.image import shrink_to_max_side
 from adapt.search import GalleryIndex, GalleryIndexError
-from adapt.visualize import draw_hit, draw_ranked
+from adapt.visualize import draw_hit, draw_ranked, seen_concepts
 
 logger = logging.getLogger("adapt.app")
 
@@ -201,7 +201,8 @@ class Demo:
 
     def rank(self, image_path: str | None, captions_text: str, scoring: str | None, show_boxes: bool):
         """Rank the captions for the image: the table, the highlight of the best, its caption,
-        the detected regions, the highlighted rank (1) and the session's state."""
+        the detected regions, the highlighted rank (1), what the model sees in the image (concept
+        -> score, :func:`~adapt.visualize.seen_concepts`) and the session's state."""
         captions = parse_captions(captions_text)
         image, name = self._load(image_path)
         warn_unknown_words(self.retriever.model, captions)
@@ -209,7 +210,8 @@ class Demo:
         ranked = self.retriever.rank_captions(regions, captions, SCORING.get(scoring or ""))
         table = [[i + 1, c, round(float(s), 4)] for i, (c, s) in enumerate(zip(ranked.captions, ranked.scores))]
         state = {"image": shrink_to_max_side(image, DRAWING_MAX_SIDE), "ranked": ranked, "show_boxes": show_boxes}
-        return (table, *self._highlight(state, 0), self._boxes_table(ranked), 1, state)
+        seen = dict(seen_concepts(regions, self.retriever.extractor.scene_probabilities(regions)))
+        return (table, *self._highlight(state, 0), self._boxes_table(ranked), 1, seen, state)
 
     def _highlight(self, state: dict, row: int) -> tuple[str, str]:
         """The drawing of ranked caption ``row`` (its file) and that caption, as plain text."""
