@@ -149,12 +149,14 @@ def build_demo(demo_logic: Demo, checkpoint: str) -> gr.Blocks:
                                           label="Ranked captions (click one to see its attention)",
                                           interactive=False, wrap=True, column_widths=["10%", "72%", "18%"],
                                           elem_id="ranked-captions")
+                    seen = gr.Label(label="What the model sees: detected objects and the photo's scene classes",
+                                    show_heading=False, elem_id="seen-concepts")
                     with gr.Accordion("Detected regions and their labels", open=False):
                         boxes = gr.Dataframe(headers=["region", "label", "detector score", "box (x1, y1, x2, y2)"],
                                              label="Detected regions", interactive=False)
             rank_state = gr.State()
             rank_button.click(demo_logic.rank, [image, captions, scoring, show_boxes],
-                              [ranked, highlight, highlight_caption, boxes, highlight_rank, rank_state],
+                              [ranked, highlight, highlight_caption, boxes, highlight_rank, seen, rank_state],
                               api_name="rank_captions", concurrency_limit=LONG_AT_ONCE + SHORT_AT_ONCE,
                               concurrency_id="rank_captions")
             highlight_rank.input(demo_logic.highlight_caption, [highlight_rank, rank_state],

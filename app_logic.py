@@ -27,7 +27,7 @@ from adapt.regions import ImageError, load_image
 from adapt.regions.base import WORKING_MAX_SIDE
 from adapt.regions.image import ImageTooLarge, shrink_to_max_side
 from adapt.search import GalleryIndex, GalleryIndexError
-from adapt.visualize import draw_hit, draw_ranked
+from adapt.visualize import draw_hit, draw_ranked, seen_concepts
 
 logger = logging.getLogger("adapt.app")
 
@@ -287,7 +287,8 @@ class Demo:
 
     def rank(self, image_path: str | None, captions_text: str, scoring: str | None, show_boxes: bool):
         """Rank the captions for the image: the table, the highlight of the best, its caption,
-        the detected regions, the highlighted rank (1) and the session's state."""
+        the detected regions, the highlighted rank (1), what the model sees in the image (concept
+        -> score, :func:`~adapt.visualize.seen_concepts`) and the session's state."""
         captions = parse_captions(captions_text)
         image, name = self._load(image_path)
         with self._lane(captions):
@@ -296,7 +297,8 @@ class Demo:
             ranked = self.retriever.rank_captions(regions, captions, SCORING.get(scoring or ""))
         table = [[i + 1, c, round(float(s), 4)] for i, (c, s) in enumerate(zip(ranked.captions, ranked.scores))]
         state = {"image": shrink_to_max_side(image, DRAWING_MAX_SIDE), "ranked": ranked, "show_boxes": show_boxes}
-        return (table, *self._highlight(state, 0), self._boxes_table(ranked), 1, state)
+        seen = dict(seen_concepts(regions, self.retriever.extractor.scene_probabilities(regions)))
+        return (table, *self._highlight(state, 0), self._boxes_table(ranked), 1, seen, state)
 
     @contextlib.contextmanager
     def _lane(self, captions: list[str]) -> Iterator[None]:

@@ -50,17 +50,17 @@ def default_concepts(top_k: int = 10, scene_weight: float | None = None) -> dict
             ``None``: features without the scene block.
     """
     from timm.data import ImageNetInfo
-    from torchvision.models import EfficientNet_B0_Weights
 
     # Imported here: the image side (OpenCV, the detector) is not needed to build or load a model.
     from adapt.regions.base import LABEL_DIM
     from adapt.regions.coco_names import coco_name
+    from adapt.regions.scene import scene_classes
     from adapt.regions.ssd import SsdEfficientNetExtractor
 
     return {
         "classifier": CLASSIFIER_SOURCE,
         "backbone_dim": SsdEfficientNetExtractor.backbone_dim,
-        "classes": list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]),
+        "classes": scene_classes(),
         "descriptions": ImageNetInfo("imagenet-1k").label_descriptions(detailed=True),
         "labels": [coco_name(i) for i in range(1, LABEL_DIM + 1)],
         "top_k": top_k,

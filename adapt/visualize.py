@@ -11,12 +11,17 @@ from adapt.gallery import SearchHit
 from adapt.pipeline import RankedCaptions
 from adapt.regions import Regions
 from adapt.regions.image import shrink_to_max_side
+from adapt.regions.scene import scene_classes
 
 _OUTLINE = (255, 196, 0)
 _DIM = 0.3  # brightness of the least attended pixels
 # Detector labels are shown only at this score or above: below it, SSD's guesses on objects it was
 # never trained on are mostly wrong ("tie" on a cat, "kite" on a lobster, in the real-photo set).
 LABEL_MIN_SCORE = 0.5
+# What the model sees lists the scene classifier's classes up to this many, each with at least this
+# probability: below it, EfficientNet-Lite3's tail is noise ("coral fungus" on a cat).
+SCENE_TOP = 3
+SCENE_MIN_SCORE = 0.05
 
 
 def regions_in(regions: Regions, size: tuple[int, int]) -> Regions:
@@ -78,6 +83,39 @@ def looked_at(regions: Regions, weights: np.ndarray, top: int = 3) -> str:
     named = ", ".join(f"{region_label(regions, i)} {100 * weights[i]:.0f}%" for i in pointed_regions(regions, weights, top))
     whole = whole_image_share(regions, weights)
     return f"{named}; whole image {100 * whole:.0f}%" if whole > 0 else named
+
+
+def seen_concepts(regions: Regions, scene: np.ndarray | None = None, min_score: float = LABEL_MIN_SCORE,
+                  scene_top: int = SCENE_TOP, scene_min_score: float = SCENE_MIN_SCORE) -> list[tuple[str, float]]:
+    """What the model reads in a photo, best first: the detector's labels scoring at least
+    ``min_score`` and the scene classifier's ``scene_top`` classes of at least ``scene_min_score``
+    (on the astronaut: person, football helmet, projectile, space shuttle).
+
+    In a concept model (the bundled one) these are names whose embeddings the region encoder adds
+    to each region (:mod:`adapt.concepts`), so they tell why a caption wins or loses. A name found
+    more than once (detected twice, or by the detector and the scene classifier) is listed once,
+    with its best score; a detector score and a class probability both lie in [0, 1] but are not
+    the same measure.
+
+    Args:
+        regions: the photo's regions (their ``labels`` and ``scores``; fills have no label).
+        scene: ``(1000,)`` the whole photo's ImageNet probabilities
+            (:meth:`~adapt.regions.RegionExtractor.scene_probabilities`), or ``None``.
+    """
+    best: dict[str, float] = {}
+
+    def see(name: str, score: float) -> None:
+        best[name] = max(best.get(name, 0.0), score)
+
+    for label, score in zip(regions.labels, regions.scores):
+        if label and float(score) >= min_score:
+            see(label, float(score))
+    if scene is not None:
+        names = scene_classes()
+        for i in np.argsort(-scene, kind="stable")[:scene_top]:
+            if float(scene[i]) >= scene_min_score:
+                see(names[i], float(scene[i]))
+    return sorted(best.items(), key=lambda item: -item[1])
 
 
 def draw_attention(

@@ -11,11 +11,12 @@ from PIL import Image
 
 import app
 import app_logic
+from adapt.visualize import seen_concepts
 from conftest import CAT, rank
 
 def test_rank_captions_orders_by_score_and_highlights_the_image(client, served):
     captions = "A cat lying on a purple blanket.\nA rocket lifting off from a launch pad.\nzebra stripes"
-    table, highlight, caption, boxes, highlighted_rank = rank(client, handle_file(CAT), captions, boxes=True)
+    table, highlight, caption, boxes, highlighted_rank, seen = rank(client, handle_file(CAT), captions, boxes=True)
     scores = [row[2] for row in table["data"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
     expected = served[1].rank_captions(CAT, captions.splitlines())
@@ -23,6 +24,8 @@ def test_rank_captions_orders_by_score_and_highlights_the_image(client, served):
     assert Image.open(highlight).size[0] > 0
     assert caption == table["data"][0][1] and highlighted_rank == 1
     assert "cat" in [row[1] for row in boxes["data"]]  # the detector's labels, in the regions panel
+    # What the model sees: the trusted detector labels (this checkpoint's extractor has no scene classifier).
+    assert [c["label"] for c in seen["confidences"]] == ["cat"] == [name for name, _ in seen_concepts(expected.regions)]
 
 
 @pytest.mark.parametrize("scoring", [name for name, dirs in app_logic.SCORING.items() if "mean" not in dirs])

@@ -23,6 +23,7 @@ from adapt.cache import RegionCache
 from adapt.pipeline import Retriever
 from adapt.regions import build_extractor, load_image
 from adapt.search import GalleryIndex
+from checkpoints import DEFAULT_CHECKPOINT
 from training.index import index_images
 
 # A photo with two distinct objects: a man in a striped shirt and a soccer ball (Debian opencv-doc).
@@ -65,7 +66,7 @@ def decoded_sizes(monkeypatch):
 
 def test_another_caption_changes_the_highlight(client):
     captions = "a soccer ball\na man in a red and blue striped shirt"
-    table, first, first_caption, _, highlighted = rank(client, handle_file(str(MESSI)), captions)
+    table, first, first_caption, _, highlighted, _ = rank(client, handle_file(str(MESSI)), captions)
     second, second_caption = client.predict(2, api_name="/highlight_caption")
     assert highlighted == 1 and first_caption == table["data"][0][1] and second_caption == table["data"][1][1]
     assert Path(first).read_bytes() != Path(second).read_bytes()
@@ -399,3 +400,30 @@ def test_browser_searches_the_served_gallery_and_shows_the_selected_match(served
     caption.to_have_value(re.compile(r"^2\. "), timeout=30_000)
     expect(drawing).not_to_have_attribute("src", first_src, timeout=30_000)
     assert page.get_by_text("Traceback").count() == 0
+
+
+# Issue 33, finding 9: what the model sees, beside the ranking.
+
+@pytest.fixture(scope="module")
+def bundled_page():
+    """A browser page on the app serving the bundled model, whose extractor also reads the scene."""
+    demo = app.build_demo(app.Demo(Retriever.from_pretrained(DEFAULT_CHECKPOINT)), str(DEFAULT_CHECKPOINT))
+    yield from chromium_page(launch(demo))
+    demo.close()
+
+
+def test_browser_shows_what_the_model_sees_beside_the_ranking(bundled_page):
+    from playwright.sync_api import expect
+
+    page = bundled_page
+    page.locator("input[type=file]").first.set_input_files(str(app.ROOT / "examples" / "astronaut.jpg"))
+    page.get_by_role("button", name="Rank captions").click()
+    seen = page.locator("#seen-concepts")
+    # The detector's trusted "person" and the scene classifier's reading of the whole photo, which
+    # explains why the rocket caption beats the space-suit one here.
+    expect(seen).to_contain_text("space shuttle", timeout=60_000)
+    shown = seen.inner_text()
+    for name in ("person", "football helmet", "projectile", "space shuttle"):
+        assert re.search(rf"{name}\s+\d+%", shown), (name, shown)  # each with its score
+    assert "mouse" not in shown  # detected at 0.43, under the trust threshold
+    expect(page.locator("#ranked-captions")).to_contain_text("A rocket lifting off")

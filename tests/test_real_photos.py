@@ -10,6 +10,9 @@ import torch
 from torchvision.ops import box_iou
 
 from adapt.pipeline import Retriever
+from adapt.regions import load_image
+from adapt.regions.scene import scene_classes
+from adapt.visualize import LABEL_MIN_SCORE, seen_concepts
 from checkpoints import DEFAULT_CHECKPOINT
 from training.real_photos import (
     DEFAULT_SET, conse_reference_scores, format_metrics, installed, misses, read_set, real_photo_scores,
@@ -78,6 +81,33 @@ def test_the_apps_examples_rank_their_own_caption_first_for_four_of_five(retriev
     right = [name for name, first in firsts.items() if first == truth[name]]
     # The astronaut photo shows a space-shuttle model; the model ranks the rocket caption first.
     assert len(right) >= 4, firsts
+
+
+def test_what_the_model_sees_explains_the_astronaut(retriever):
+    photo = ROOT / "examples" / "astronaut.jpg"
+    _, regions = retriever.regions(photo)
+    scene = retriever.extractor.scene_probabilities(regions)
+    # The probabilities kept in the features are the scene classifier's on the photo (512 px, so
+    # extraction classified it at its own size).
+    np.testing.assert_allclose(scene, retriever.extractor.scene(load_image(photo)), atol=1e-6)
+    seen = dict(seen_concepts(regions, scene))
+    # The detector's one trusted label, then EfficientNet-Lite3's reading of the whole photo: the
+    # rocket caption wins here (see the test above) because the model sees a shuttle and a projectile.
+    assert set(seen) == {"person", "football helmet", "projectile", "space shuttle"}
+    assert seen["person"] == max(s for label, s in zip(regions.labels, regions.scores) if label == "person")
+    assert seen["football helmet"] == scene[scene_classes().index("football helmet")]
+    assert list(seen.values()) == sorted(seen.values(), reverse=True)
+    # Detected, but under the trust threshold.
+    assert "mouse" in regions.labels and "mouse" not in seen
+    assert all(score < LABEL_MIN_SCORE for label, score in zip(regions.labels, regions.scores) if label == "mouse")
+
+
+def test_a_concept_both_detected_and_in_the_scene_is_seen_once_with_its_best_score(retriever):
+    _, regions = retriever.regions(ROOT / "examples" / "coffee.jpg")
+    scene = retriever.extractor.scene_probabilities(regions)
+    seen = seen_concepts(regions, scene)
+    assert [name for name, _ in seen] == ["cup", "espresso"]  # the scene's "cup" (6 %) merged
+    assert seen[0][1] == regions.scores[regions.labels.index("cup")] > scene[scene_classes().index("cup")] > 0.05
 
 
 def top_detected(ranked, row: int) -> int:

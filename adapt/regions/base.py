@@ -192,6 +192,17 @@ class RegionExtractor(ABC):
                 "whole_image": selection.get("whole_image", False),
                 "score_threshold": selection["score_threshold"], "nms_iou": selection["nms_iou"]}
 
+    def scene_probabilities(self, regions: Regions) -> np.ndarray | None:
+        """The whole image's ImageNet probabilities that ``with_scene`` appended to every region,
+        read back from the first region's features: ``(1000,)`` float32 in the order of
+        :func:`~adapt.regions.scene.scene_classes`; ``None`` for an extractor without the scene
+        block, or regions whose features are not this extractor's (a gallery index keeps boxes only).
+        """
+        if self.scene is None or regions.features.ndim != 2 or regions.features.shape[1] != self.feature_dim:
+            return None
+        start = self.backbone_dim + (LABEL_DIM if self.with_labels else 0)
+        return regions.features[0, start:start + SCENE_DIM]
+
     def extract(self, image: ImageSource) -> Regions:
         """Regions of one image (a path, PIL image or numpy array; see :func:`load_image`).
 

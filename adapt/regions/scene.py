@@ -23,6 +23,14 @@ SCENE_DIM = 1000  # ImageNet-1k classes, appended to every region's features wit
 RUNTIME_REQUIREMENT = "ai-edge-litert==2.3.0"
 
 
+def scene_classes() -> list[str]:
+    """The names of the 1000 classes, in the order of the probabilities: ImageNet-1k as
+    torchvision ships them in its weights' metadata (no download)."""
+    from torchvision.models import EfficientNet_B0_Weights
+
+    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+
+
 class SceneClassifier:
     """EfficientNet-Lite3's ImageNet probabilities of a whole RGB image: ``(1000,)`` float32, sum 1.
 
