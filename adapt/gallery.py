@@ -44,6 +44,8 @@ class SearchHit:
         region_weights: ``(k,)`` each region's share of the T2I score (see :func:`region_shares`),
             or ``None`` when the search did not use the T2I direction.
         source: a file showing the image (an index's thumbnail or the original path), if known.
+        neutral_weights: ``(k,)`` each region's mean share for captions that name nothing
+            (:func:`neutral_region_shares`), or ``None`` like ``region_weights``.
     """
 
     key: str
@@ -51,6 +53,7 @@ class SearchHit:
     regions: Regions
     region_weights: np.ndarray | None
     source: str | None = None
+    neutral_weights: np.ndarray | None = None
 
 
 class Gallery(Protocol):
@@ -63,6 +66,10 @@ class Gallery(Protocol):
     def search(
         self, captions: Sequence[str], top_k: int = 10, *, directions: tuple[str, ...] | None = None
     ) -> list[list[SearchHit]]: ...
+
+
+# Captions that name nothing, chosen before measuring (issue 33 item 8, the pointing game).
+NEUTRAL_CAPTIONS = ("a photo", "a picture", "an image", "a photo of something", "a picture of a scene")
 
 
 def region_shares(terms: torch.Tensor) -> np.ndarray:
@@ -97,6 +104,22 @@ def hit_region_shares(
         return None
     out = model.similarity(encoded, words, mask, directions=("t2i",), return_attention=True)
     return region_shares(out.region_attention[:, 0])
+
+
+def neutral_region_shares(
+    model: AdaptModel, encoded: torch.Tensor, directions: tuple[str, ...] | None = None,
+) -> np.ndarray | None:
+    """Each region's mean share over :data:`NEUTRAL_CAPTIONS`: ``(n, k)`` for ``encoded (n, k, d)``
+    regions of ``n`` images, or ``None`` when ``directions`` (default: the model's) leave out T2I.
+
+    What any caption gives a region (the whole image and large boxes take much of every caption's
+    score); a caption's share above it is what the caption itself adds there.
+    """
+    if "t2i" not in (directions or model.config.directions):
+        return None
+    words, mask = model.encode_text(list(NEUTRAL_CAPTIONS))
+    out = model.similarity(encoded, words, mask, directions=("t2i",), return_attention=True)
+    return region_shares(out.region_attention).mean(axis=1)
 
 
 def merge_top_k(lists: Iterable[Iterable[tuple[float, T]]], k: int) -> list[tuple[float, T]]:
@@ -211,9 +234,10 @@ class MemoryGallery:
         for q, hits in enumerate(found):
             best = [i for _, i in hits]
             weights = hit_region_shares(self.model, self._encoded[best], words[q:q + 1], mask[q:q + 1], directions)
+            neutral = neutral_region_shares(self.model, self._encoded[best], directions)
             results.append([
                 SearchHit(self._keys[i], score, self._regions[i], None if weights is None else weights[rank],
-                          self._sources[i])
+                          self._sources[i], None if neutral is None else neutral[rank])
                 for rank, (score, i) in enumerate(hits)
             ])
         return results

@@ -17,7 +17,9 @@ from PIL import Image
 
 from adapt.cache import RegionCache
 from adapt.device import pick_device
-from adapt.gallery import Gallery, GalleryModelError, SearchHit, region_shares, search_galleries
+from adapt.gallery import (
+    Gallery, GalleryModelError, SearchHit, neutral_region_shares, region_shares, search_galleries,
+)
 from adapt.model import AdaptModel
 from adapt.regions import (
     ImageError,
@@ -46,12 +48,15 @@ class RankedCaptions:
             caption's T2I score (see :func:`region_shares`; rows sum to 1), or ``None`` for a model
             without the T2I direction.
         regions: the image's regions (boxes, labels, ...).
+        neutral_weights: ``(k,)`` each region's mean share for captions that name nothing
+            (:func:`~adapt.gallery.neutral_region_shares`), or ``None`` like ``region_weights``.
     """
 
     captions: list[str]
     scores: np.ndarray
     region_weights: np.ndarray | None
     regions: Regions
+    neutral_weights: np.ndarray | None = None
 
 
 @dataclass
@@ -197,8 +202,11 @@ class Retriever:
                 for row, i in enumerate(chunk):
                     attention[i] = out.region_attention[0, row]
         order = np.argsort(-scores, kind="stable")
-        weights = None if attention[0] is None else region_shares(torch.stack(attention))[order]
-        return RankedCaptions([captions[i] for i in order], scores[order], weights, regions)
+        ranked = [captions[i] for i in order]
+        if attention[0] is None:
+            return RankedCaptions(ranked, scores[order], None, regions)
+        neutral = neutral_region_shares(self.model, self.model.encode_regions(features), ("t2i",))[0]
+        return RankedCaptions(ranked, scores[order], region_shares(torch.stack(attention))[order], regions, neutral)
 
     def search(
         self, galleries: Sequence[Gallery], caption: str, top_k: int = 10,

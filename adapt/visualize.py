@@ -60,16 +60,32 @@ def pointable_regions(regions: Regions) -> np.ndarray:
     return cells if len(cells) else np.arange(len(regions.boxes))
 
 
-def pointed_regions(regions: Regions, weights: np.ndarray, top: int = 3) -> np.ndarray:
-    """The ``top`` :func:`pointable_regions` that a caption weights most, most attended first.
+def pointing_weights(weights: np.ndarray, neutral: np.ndarray | None) -> np.ndarray:
+    """``(k,)`` what the highlight points by: each region's share of the caption's score, less its
+    mean share for captions that name nothing when ``neutral`` is given.
+
+    A deliberate deviation from drawing the share of the score itself: large boxes take much of
+    every caption's score, named or not, so the share above the neutral captions' is what this
+    caption adds to each region (it points at the named object more often in the pointing game,
+    :mod:`training.pointing_game`). Pass ``neutral=None`` to point by the share itself.
+    """
+    return weights if neutral is None else weights - neutral
+
+
+def pointed_regions(regions: Regions, weights: np.ndarray, top: int = 3,
+                    neutral: np.ndarray | None = None) -> np.ndarray:
+    """The ``top`` :func:`pointable_regions` with the largest :func:`pointing_weights`, largest first.
 
     Args:
         regions: the image's ``k`` regions.
         weights: ``(k,)`` each region's share of the caption's score.
         top: how many to return.
+        neutral: ``(k,)`` each region's mean share for neutral captions
+            (``RankedCaptions.neutral_weights``), or ``None`` to rank by ``weights`` alone.
     """
     candidates = pointable_regions(regions)
-    return candidates[np.argsort(-weights[candidates], kind="stable")][:top]
+    by = pointing_weights(weights, neutral)
+    return candidates[np.argsort(-by[candidates], kind="stable")][:top]
 
 
 def whole_image_share(regions: Regions, weights: np.ndarray) -> float:
@@ -77,10 +93,11 @@ def whole_image_share(regions: Regions, weights: np.ndarray) -> float:
     return float(weights[_whole_image_fills(regions)].sum())
 
 
-def looked_at(regions: Regions, weights: np.ndarray, top: int = 3) -> str:
+def looked_at(regions: Regions, weights: np.ndarray, top: int = 3, neutral: np.ndarray | None = None) -> str:
     """Where a caption looked, in words: its :func:`pointed_regions` with their shares, then the
     whole image's share ("dog 31%, person 12%, horse 9%; whole image 40%")."""
-    named = ", ".join(f"{region_label(regions, i)} {100 * weights[i]:.0f}%" for i in pointed_regions(regions, weights, top))
+    pointed = pointed_regions(regions, weights, top, neutral)
+    named = ", ".join(f"{region_label(regions, i)} {100 * weights[i]:.0f}%" for i in pointed)
     whole = whole_image_share(regions, weights)
     return f"{named}; whole image {100 * whole:.0f}%" if whole > 0 else named
 
@@ -120,12 +137,12 @@ def seen_concepts(regions: Regions, scene: np.ndarray | None = None, min_score: 
 
 def draw_attention(
     image: Image.Image, regions: Regions, weights: np.ndarray | None, top: int = 3,
-    all_boxes: bool = False, max_side: int = 1024,
+    all_boxes: bool = False, max_side: int = 1024, neutral: np.ndarray | None = None,
 ) -> Image.Image:
     """The image lit where a caption looked, with the ``top`` detected regions outlined.
 
     Light and outlines go to :func:`pointable_regions` (the detected ones): a pixel's light is the
-    summed weight of those covering it, scaled so the brightest pixel keeps its colour and the
+    summed :func:`pointing_weights` of those covering it (negative ones count as 0), scaled so the brightest pixel keeps its colour and the
     least attended are dimmed to 30 %. The ``top`` of them (:func:`pointed_regions`) are outlined,
     labelled with :func:`region_label` and their share; the whole image's share, which often is
     the largest but points at nothing, is written in the bottom-left corner.
@@ -138,14 +155,17 @@ def draw_attention(
         top: how many of the most attended detected regions to outline and label with their share.
         all_boxes: also outline every detected region with its label.
         max_side: the drawing is downscaled to at most this many pixels per side.
+        neutral: ``(k,)`` each region's mean share for neutral captions, or ``None`` to light and
+            point by ``weights`` alone (see :func:`pointing_weights`).
     """
     canvas = shrink_to_max_side(image.convert("RGB"), max_side)
     boxes = np.asarray(regions_in(regions, canvas.size).boxes, dtype=np.float64)
     if weights is not None:
         light = np.zeros((canvas.height, canvas.width), dtype=np.float64)
+        by = np.clip(pointing_weights(weights, neutral), 0, None)
         for i in pointable_regions(regions):
             x1, y1, x2, y2 = boxes[i].round().astype(int)
-            light[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] += weights[i]
+            light[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] += by[i]
         light = (light - light.min()) / max(light.max() - light.min(), 1e-12)
         pixels = np.asarray(canvas, dtype=np.float64) * (_DIM + (1 - _DIM) * light[..., None])
         canvas = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
@@ -156,7 +176,7 @@ def draw_attention(
             draw.rectangle(boxes[i].tolist(), outline=(120, 200, 255), width=1)
             draw.text((boxes[i][0] + 3, boxes[i][1] + 2), region_label(regions, i), fill=(120, 200, 255), font=font)
     if weights is not None:
-        pointed = pointed_regions(regions, weights, top)
+        pointed = pointed_regions(regions, weights, top, neutral)
         for i in pointed:
             draw.rectangle(boxes[i].tolist(), outline=_OUTLINE, width=max(2, canvas.width // 300))
         labels = [(boxes[i][:2], f"{region_label(regions, i)} {100 * weights[i]:.0f}%") for i in pointed]
@@ -171,20 +191,22 @@ def draw_attention(
 
 
 def draw_ranked(image: Image.Image, ranked: RankedCaptions, row: int, all_boxes: bool = False,
-                max_side: int = 1024) -> Image.Image:
+                max_side: int = 1024, contrast: bool = True) -> Image.Image:
     """The highlight of ranked caption ``row``: ``image`` (the ranked picture, at any size) lit
-    where it looked (:func:`draw_attention`)."""
+    where it looked (:func:`draw_attention`), by its share above neutral captions' when
+    ``contrast`` (see :func:`pointing_weights`)."""
     weights = None if ranked.region_weights is None else ranked.region_weights[row]
     return draw_attention(image, regions_in(ranked.regions, image.size), weights, all_boxes=all_boxes,
-                          max_side=max_side)
+                          max_side=max_side, neutral=ranked.neutral_weights if contrast else None)
 
 
 def draw_hit(image: Image.Image, hit: SearchHit, name: str, rank: int, max_side: int = 1024,
-             top: int = 3) -> tuple[Image.Image, str]:
+             top: int = 3, contrast: bool = True) -> tuple[Image.Image, str]:
     """A search hit's picture (at any size) lit where the caption looked, and what it is: its
     ``rank`` (1 = best), ``name``, score and ``top`` detected regions with their shares (:func:`looked_at`)
-    ("1. dog.jpg (0.412); looked at dog 41%, ...; whole image 30%")."""
+    ("1. dog.jpg (0.412); looked at dog 41%, ...; whole image 30%"); ``contrast`` as in :func:`draw_ranked`."""
     regions = regions_in(hit.regions, image.size)
-    drawing = draw_attention(image, regions, hit.region_weights, top=top, max_side=max_side)
-    looked = "" if hit.region_weights is None else "; looked at " + looked_at(regions, hit.region_weights, top)
+    neutral = hit.neutral_weights if contrast else None
+    drawing = draw_attention(image, regions, hit.region_weights, top=top, max_side=max_side, neutral=neutral)
+    looked = "" if hit.region_weights is None else "; looked at " + looked_at(regions, hit.region_weights, top, neutral)
     return drawing, f"{rank}. {name} ({hit.score:.3f}){looked}"

@@ -71,6 +71,7 @@ def test_a_caller_supplied_extractor_of_the_models_kind_is_used(model):
     ranked = retriever.rank_captions(picture(), CAPTIONS)
     assert extractor.images_seen == 1 and sorted(ranked.captions) == sorted(CAPTIONS)
     assert ranked.region_weights.shape == (3, 4)
+    assert ranked.neutral_weights.shape == (4,) and ranked.neutral_weights.sum() == pytest.approx(1, abs=1e-5)
 
 
 def test_another_extractor_is_refused_unless_the_mismatch_is_allowed(model):

@@ -342,6 +342,7 @@ def test_memory_gallery_faiss_and_qdrant_indexes_give_the_same_hits(tmp_path, mo
             for a, b in zip(mine, theirs):
                 assert a.score == pytest.approx(b.score, abs=2e-3)  # the index stores float16
                 np.testing.assert_allclose(a.region_weights, b.region_weights, atol=2e-3)
+                np.testing.assert_allclose(a.neutral_weights, b.neutral_weights, atol=2e-3)
                 np.testing.assert_array_equal(a.regions.boxes, b.regions.boxes)
                 assert a.regions.labels == b.regions.labels and a.regions.image_size == (100, 100)
     # With fewer candidates the first stages agree with each other too.

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adapt.gallery import SearchHit, best_per_caption, hit_region_shares, merge_top_k
+from adapt.gallery import SearchHit, best_per_caption, hit_region_shares, merge_top_k, neutral_region_shares
 from adapt.io import atomic_write_json
 from adapt.model import AdaptModel
 from adapt.regions import ExtractorMismatchError, check_extractor
@@ -416,7 +416,9 @@ class GalleryIndex:
             return []
         where = [location for _, location in found]
         encoded = torch.from_numpy(np.stack([self.shards[s].regions[r] for s, r in where]))
-        weights = hit_region_shares(self.model, encoded.to(self.model.device, torch.float32), words, mask, directions)
+        encoded = encoded.to(self.model.device, torch.float32)
+        weights = hit_region_shares(self.model, encoded, words, mask, directions)
+        neutral = neutral_region_shares(self.model, encoded, directions)
         hits = []
         for rank, (score, (s, r)) in enumerate(found):
             shard = self.shards[s]
@@ -424,5 +426,6 @@ class GalleryIndex:
             boxes = np.array(shard.boxes[r])
             source = None if details is None or details.source is None else str(self.folder / details.source)
             hits.append(SearchHit(shard.ids[r], score, boxes_only(boxes) if details is None else details.regions(boxes),
-                                  None if weights is None else weights[rank], source))
+                                  None if weights is None else weights[rank], source,
+                                  None if neutral is None else neutral[rank]))
         return hits
