@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,11 +49,12 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["GRADIO_TEMP_DIR"] = tmp  # uploads and drawings go where the run deletes them
         retriever = Retriever.from_pretrained(DEFAULT_CHECKPOINT, cache_dir=Path(tmp) / "cache")
         demo = app.build_demo(app.Demo(retriever), str(DEFAULT_CHECKPOINT))
         demo.queue(default_concurrency_limit=2)
         _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, download_files=tmp)
         logic = app.Demo(retriever, app_logic.DrawingFiles(Path(tmp) / "drawings"))
         scoring = logic.choices[0]
         photos = [Image.open(p).convert("RGB") for p in app.EXAMPLES]

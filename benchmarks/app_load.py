@@ -86,7 +86,7 @@ def start_app(checkpoint: str | None, cache_dir: str, timeout: float) -> tuple[s
         if server.poll() is not None:
             raise SystemExit(f"the app exited with status {server.returncode}:\n{server.stderr.read()[-3000:]}")
         try:
-            Client(url, verbose=False)
+            Client(url, verbose=False, download_files=False)
             return server, url
         except Exception:  # not listening yet
             time.sleep(1.0)
@@ -94,10 +94,10 @@ def start_app(checkpoint: str | None, cache_dir: str, timeout: float) -> tuple[s
     raise SystemExit(f"the app did not answer within {timeout:.0f} s")
 
 
-def run_clients(url: str, clients: int, seconds: float, call_timeout: float, captions: str,
+def run_clients(url: str, clients: int, seconds: float, call_timeout: float, captions: str, downloads: str,
                 long_clients: int = 0, long_chars: int = 0):
     """Latencies of the short clients' successful calls, the failures by type and the long
-    clients' latencies, over ``seconds`` of load."""
+    clients' latencies, over ``seconds`` of load; the clients download the drawings into ``downloads``."""
     latencies: list[float] = []
     long_latencies: list[float] = []
     errors: collections.Counter[str] = collections.Counter()
@@ -107,7 +107,7 @@ def run_clients(url: str, clients: int, seconds: float, call_timeout: float, cap
     seeds = iter(range(10**9))
 
     def one_client(long: bool) -> None:
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, download_files=downloads)
         while time.monotonic() < deadline:
             with lock:
                 text = long_captions(next(seeds), long_chars) if long else captions
@@ -154,10 +154,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         server, url = (None, args.url) if args.url else start_app(args.checkpoint, cache_dir, args.start_timeout)
         try:
-            Client(url, verbose=False).predict(handle_file(str(EXAMPLE)), EXAMPLE_CAPTIONS,
-                                               api_name="/rank_captions")  # warm-up, not counted
+            Client(url, verbose=False, download_files=cache_dir).predict(
+                handle_file(str(EXAMPLE)), EXAMPLE_CAPTIONS, api_name="/rank_captions")  # warm-up, not counted
             latencies, errors, examples, long_latencies = run_clients(
-                url, args.clients, args.seconds, args.call_timeout, EXAMPLE_CAPTIONS, args.long_clients, long_chars)
+                url, args.clients, args.seconds, args.call_timeout, EXAMPLE_CAPTIONS, cache_dir,
+                args.long_clients, long_chars)
         finally:
             peak = peak_rss_mb(server.pid) if server is not None else float("nan")
             if server is not None:
