@@ -21,6 +21,7 @@ from PIL import Image
 from starlette.responses import PlainTextResponse
 
 from adapt.gallery import MemoryGallery, SearchHit
+from adapt.io import delete_oldest
 from adapt.model import AdaptModel
 from adapt.pipeline import RankedCaptions, Retriever, hit_image
 from adapt.regions import ImageError, load_image
@@ -144,22 +145,10 @@ class DrawingFiles:
 
 
 def prune_oldest(folder: Path, max_bytes: int, keep: frozenset[str] = frozenset()) -> None:
-    """Delete the oldest files under ``folder`` (by modification time; never those in ``keep``) until
-    all of them together take at most ``max_bytes``; a folder emptied so (an upload's own) goes too."""
-    files, total = [], 0
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by Gradio or another prune
-                stat = os.stat(path)
-                total += stat.st_size
-                if path not in keep:
-                    files.append((stat.st_mtime, stat.st_size, path))
-    for _, size, path in sorted(files):
-        if total <= max_bytes:
-            break
-        Path(path).unlink(missing_ok=True)
-        total -= size
+    """Delete the oldest files under ``folder`` (:func:`~adapt.io.delete_oldest`; never those in
+    ``keep``) until they take at most ``max_bytes``; a folder emptied so (an upload's own) goes too."""
+    every = (os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
+    for path in delete_oldest(every, max_bytes, keep):
         with contextlib.suppress(OSError):  # not empty: other files still live there
             os.rmdir(os.path.dirname(path))
 

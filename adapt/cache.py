@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from adapt.io import atomic_write
+from adapt.io import atomic_write, delete_oldest
 from adapt.regions import Regions, comparable_identity
 
 
@@ -69,17 +69,5 @@ class RegionCache:
 
     def trim(self, max_bytes: int) -> None:
         """Delete the least recently used files until the rest take at most ``max_bytes``."""
-        files = []
-        for entry in os.scandir(self.folder):
-            try:
-                if entry.name.endswith(".npz") and entry.is_file():
-                    stat = entry.stat()
-                    files.append((stat.st_mtime_ns, stat.st_size, entry.path))
-            except FileNotFoundError:  # removed meanwhile by another process sharing the cache
-                continue
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= max_bytes:
-                break
-            Path(path).unlink(missing_ok=True)
-            total -= size
+        delete_oldest((entry.path for entry in os.scandir(self.folder)
+                       if entry.name.endswith(".npz") and entry.is_file()), max_bytes)

@@ -1,5 +1,5 @@
 """Replacing a file all at once (readers, and a machine that loses power, see the old file or the
-new), JSON files included, and resizing a ``.npy`` array in place."""
+new), JSON files included, resizing a ``.npy`` array in place, and keeping files within a size."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Container, Iterable
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -78,3 +78,28 @@ def resize_npy(path: str | Path, rows: int) -> None:
         if f.tell() != header_size:
             raise ValueError(f"{path}: cannot rewrite the array header in place")
         f.truncate(header_size + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+
+def delete_oldest(paths: Iterable[str], max_bytes: int, keep: Container[str] = ()) -> list[str]:
+    """Delete the oldest of ``paths`` (by modification time; never those in ``keep``, which still
+    count) until all of them together take at most ``max_bytes``; returns the deleted paths.
+
+    A file that disappears meanwhile (another process or thread sharing the folder) is skipped.
+    """
+    files, total = [], 0
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue
+        total += stat.st_size
+        if path not in keep:
+            files.append((stat.st_mtime_ns, stat.st_size, path))
+    deleted = []
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        Path(path).unlink(missing_ok=True)
+        total -= size
+        deleted.append(path)
+    return deleted
